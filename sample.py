@@ -1,0 +1,145 @@
+"""
+Sample images from a trained Heptapod: the (position, token) loop of Sec. 4.2.
+
+At each step the head predicts the tokens at all positions not yet generated, one position is chosen
+uniformly at random among them, its token is sampled, and the pair is fed back to the causal
+Transformer through its KV cache, until the grid is full. No classifier-free guidance.
+
+    python sample.py --ckpt out/ckpt.pt --num_images 100 --out samples.npz
+
+writes samples.npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout)
+and samples.png, a grid of the first images.
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from heads import Heptapod
+from model import make_orders
+from tokenizers import TOKENIZERS
+
+
+def sample_token(logits, temperature, top_k, generator):
+    """One token per row of logits (B, V): softmax at a temperature, optionally restricted to the top k."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]  # (B,)
+
+
+@torch.no_grad()
+def generate(model, labels, order, generator, temperature=1.0, top_k=None, use_cache=True):
+    """Tokens (B, N) in raster order for class labels (B,). `order` is the training order: 'random' draws
+    each next position uniformly among those not yet generated, 'raster' goes row by row.
+    use_cache=False recomputes the causal Transformer over the whole prefix at every step (reference)."""
+    B, N, C = len(labels), model.grid_size ** 2, model.config['n_embd']
+    one_d = model.head is None  # the 1D baselines predict the single next token (Table 1)
+    # Picking a uniformly random position among those left at every step draws a uniformly random
+    # permutation, so we draw it up front; the 1D models are told it as their target positions.
+    orders = make_orders(B, N, order, generator)  # (B, N) the position generated at each step
+    target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)
+    rows = torch.arange(B, device=labels.device)
+    tokens = torch.zeros(B, N, dtype=torch.long, device=labels.device)  # (B, N) raster layout
+    grid_h = torch.zeros(B, N, C, device=labels.device)  # causal state of each generated position
+    seen = torch.zeros(B, N, dtype=torch.bool, device=labels.device)
+    t_model = model.transformer
+    if use_cache:
+        t_model.setup_cache(B, N)  # the class and N-1 tokens; the last token is never fed back
+        h = t_model.prefill(labels, target(0, 1))  # (B, 1, C)
+    else:
+        h = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
+    h_cls = h
+    try:
+        for t in range(N):
+            pos = orders[:, t]  # (B,)
+            # the head's prediction for all positions left, read at the chosen one: (B, C)
+            z = h[:, -1] if one_d else model.head(h_cls, grid_h, seen)[rows, pos]
+            tok = sample_token(model.classifier(z), temperature, top_k, generator)  # (B,)
+            tokens[rows, pos] = tok
+            if t == N - 1:
+                break
+            if use_cache:  # feed the (position, token) pair back as step t+1
+                step = torch.full((1,), t + 1, device=labels.device)
+                h = t_model.decode(tok[:, None], pos[:, None], step, target(t + 1, t + 2))  # (B, 1, C)
+            else:
+                h = t_model(tokens.gather(1, orders[:, :t + 1]), labels, orders[:, :t + 1], target(0, t + 2))
+            grid_h[rows, pos] = h[:, -1].to(grid_h.dtype)
+            seen[rows, pos] = True
+    finally:
+        t_model.clear_cache()
+    return tokens
+
+
+def save_grid(images, path, ncol):
+    """Save uint8 images (B, H, W, 3) as one PNG grid, upscaled (nearest) to at least 64 px per image."""
+    B, H, W, _ = images.shape
+    nrow = math.ceil(B / ncol)
+    grid = np.zeros((nrow * H, ncol * W, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
+    scale = max(1, math.ceil(64 / H))
+    Image.fromarray(grid).resize((ncol * W * scale, nrow * H * scale), Image.NEAREST).save(path)
+
+
+def load_checkpoint(path, device='cpu'):
+    """A train.py checkpoint, read without unpickling arbitrary objects."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --ckpt {path}: no such file (train.py writes out_dir/ckpt.pt)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: --ckpt {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    missing = {'config', 'model', 'ema', 'args', 'data_meta'} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise SystemExit(f"error: --ckpt {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def main(args):
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    ckpt = load_checkpoint(args.ckpt, device)
+    model = Heptapod(**ckpt['config']).to(device).eval()
+    model.load_state_dict(ckpt['ema' if args.ema else 'model'])
+    meta, order = ckpt['data_meta'], ckpt['args']['order']
+    tokenizer = TOKENIZERS[meta['tokenizer']]()
+    g = torch.Generator(device).manual_seed(args.seed)
+    labels = torch.arange(args.num_images, device=device) % meta['num_classes']  # balanced classes
+    if args.class_label is not None:
+        labels.fill_(args.class_label)
+    images, t0 = [], time.time()
+    for i in range(0, args.num_images, args.batch_size):
+        tokens = generate(model, labels[i:i + args.batch_size], order, g, args.temperature, args.top_k)
+        images.append(tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size)).cpu())
+        done = i + len(tokens)
+        print(f"sampled {done}/{args.num_images} images, {done / (time.time() - t0):.2f} images/s")
+    images = torch.cat(images).numpy()  # (num_images, H, W, 3) uint8
+    np.savez(args.out, arr_0=images, arr_1=labels.cpu().numpy())
+    png = os.path.splitext(args.out)[0] + '.png'
+    save_grid(images[:100], png, ncol=meta['num_classes'] if meta['num_classes'] <= 20 else 10)
+    print(f"wrote {args.out} and {png}")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
+    parser.add_argument('--num_images', type=int, default=100)
+    parser.add_argument('--out', default='samples.npz', help='.npz to write; a .png grid is written beside it')
+    parser.add_argument('--batch_size', type=int, default=100)
+    parser.add_argument('--temperature', type=float, default=1.0)
+    parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
+    parser.add_argument('--class_label', type=int, default=None, help='one class for all images (default: balanced)')
+    parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    return parser
+
+
+if __name__ == '__main__':
+    main(get_parser().parse_args())
