@@ -49,13 +49,13 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, use_c
     grid_h = torch.zeros(B, N, C, device=labels.device)  # causal state of each generated position
     seen = torch.zeros(B, N, dtype=torch.bool, device=labels.device)
     t_model = model.transformer
-    if use_cache:
-        t_model.setup_cache(B, N)  # the class and N-1 tokens; the last token is never fed back
-        h = t_model.prefill(labels, target(0, 1))  # (B, 1, C)
-    else:
-        h = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
-    h_cls = h
     try:
+        if use_cache:
+            t_model.setup_cache(B, N)  # the class and N-1 tokens; the last token is never fed back
+            h = t_model.prefill(labels, target(0, 1))  # (B, 1, C)
+        else:
+            h = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
+        h_cls = h
         for t in range(N):
             pos = orders[:, t]  # (B,)
             # the head's prediction for all positions left, read at the chosen one: (B, C)

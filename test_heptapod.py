@@ -343,3 +343,12 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     os.makedirs(tmp_path / 'data' / 'empty_class')
     with pytest.raises(SystemExit, match="class folder 'empty_class' is empty"):
         tokenizers.list_image_folder(str(tmp_path / 'data'))
+
+
+def test_training_on_a_cache_with_another_tokenizer_flag_fails_clearly(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    meta = tmp_path / 'cache' / 'meta.json'
+    meta.write_text(meta.read_text().replace('"pixel"', '"vq"'))  # a cache of other tokens
+    with pytest.raises(SystemExit, match="holds 'vq' tokens; pass --tokenizer vq"):
+        run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'))

@@ -175,13 +175,13 @@ def cache(args):
     print(f"wrote {len(images)} images of {len(classes)} classes to {args.out} ({skipped} skipped)")
 
 
-def load_dataset(data, num_images=10000, seed=0):
-    """(tokens (M, H, W), labels (M,), meta) of the built-in data ('shapes') or of a cache directory;
-    a cache is memory-mapped, so only the batches read are loaded."""
+def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
+    """(tokens (M, H, W), labels (M,), meta) of the built-in data ('shapes', tokenized here with
+    `tokenizer`) or of a cache directory; a cache is memory-mapped, so only the batches read are loaded."""
     if data == 'shapes':
-        tokenizer = PixelTokenizer()
+        name, tokenizer = tokenizer, TOKENIZERS[tokenizer]()
         images, labels = make_shapes(num_images, seed=seed)
-        meta = dict(tokenizer='pixel', image_size=16, grid_size=16, vocab_size=tokenizer.vocab_size,
+        meta = dict(tokenizer=name, image_size=16, grid_size=16, vocab_size=tokenizer.vocab_size,
                     num_classes=len(SHAPE_CLASSES), classes=SHAPE_CLASSES)
         return tokenizer.encode(images).numpy().astype(np.uint16), labels.numpy(), meta
     meta_path = os.path.join(data, 'meta.json')

@@ -8,6 +8,7 @@ Train Heptapod: next 2D distribution prediction (or a 1D baseline of Table 1) on
 Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end) and out_dir/samples.png.
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -47,13 +48,18 @@ def update_ema(ema, model, step, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_permutation(num_images, seed, epoch):
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
 def get_batch(tokens, labels, step, args, rank, world_size):
     """Batch `step` of a per-epoch permutation (seeded by seed and epoch, so a resumed run reads the same
     batches), sharded across ranks. Returns idx (B, N) int64 tokens in raster order and labels (B,)."""
     per_rank = len(labels) // world_size
     steps_per_epoch = per_rank // args.batch_size
     epoch, i = divmod(step, steps_per_epoch)
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed + epoch)).numpy()
+    perm = epoch_permutation(len(labels), args.seed, epoch)
     rows = np.sort(perm[rank * per_rank:(rank + 1) * per_rank][i * args.batch_size:(i + 1) * args.batch_size])
     idx = torch.from_numpy(tokens[rows].astype(np.int64)).flatten(1)  # (B, H*W)
     return idx, torch.from_numpy(labels[rows].astype(np.int64))
@@ -69,8 +75,8 @@ def check_args(args, meta, world_size):
         errors.append("--density applies to the 2D heads; --head linear scores every step already")
     if args.head_depth is not None and args.head_depth < 1:
         errors.append("--head_depth must be >= 1")
-    if meta['tokenizer'] not in TOKENIZERS:
-        errors.append(f"--data was cached with tokenizer '{meta['tokenizer']}', which this version cannot decode")
+    if meta['tokenizer'] != args.tokenizer:
+        errors.append(f"--data {args.data} holds '{meta['tokenizer']}' tokens; pass --tokenizer {meta['tokenizer']}")
     if args.batch_size * world_size > meta['num_images']:
         errors.append(f"--batch_size {args.batch_size} x {world_size} processes is more than the "
                       f"{meta['num_images']} images of --data")
@@ -95,7 +101,7 @@ def main(args):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
 
     # --- data ---
-    tokens, labels, meta = load_dataset(args.data, seed=args.seed)
+    tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
     meta['num_images'] = len(labels)
     check_args(args, meta, world_size)
     N = meta['grid_size'] ** 2
@@ -161,7 +167,7 @@ def main(args):
             os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash never leaves a half-written ckpt.pt
 
     # --- training loop ---
-    t0 = time.time()
+    t0, last_log = time.time(), step
     loss = torch.zeros((), device=device)
     while True:
         if step > 0 and (step % args.ckpt_interval == 0 or step == args.max_steps):
@@ -193,10 +199,10 @@ def main(args):
             if not math.isfinite(loss_val):
                 raise SystemExit(f"error: loss is {loss_val} at step {step}; stopping, the last good checkpoint "
                                  f"is {ckpt_path} (lower --lr?)")
-            dt = (time.time() - t0) / args.log_interval
+            dt = (time.time() - t0) / (step - last_log)
             print0(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm "
                    f"{grad_norm.item():.2f} | {dt * 1000:.0f} ms/step | {len(y) * world_size / dt:.1f} images/s")
-            t0 = time.time()
+            t0, last_log = time.time(), step
 
     # --- a grid of samples from the EMA weights, one column per class ---
     if master and args.num_samples > 0:
@@ -226,6 +232,8 @@ def get_parser():
     parser.add_argument('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
     # data
     parser.add_argument('--data', default='shapes', help="'shapes' (built-in) or a cache dir from tokenizers.py")
+    parser.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
+                        help='how the built-in images are tokenized; must match the tokens of a cache')
     # optimization
     parser.add_argument('--batch_size', type=int, default=16, help='per process; the paper uses 2048 in total')
     parser.add_argument('--max_steps', type=int, default=1300)
