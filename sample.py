@@ -34,33 +34,44 @@ def sample_token(logits, temperature, top_k, generator):
 
 
 @torch.no_grad()
-def generate(model, labels, order, generator, temperature=1.0, top_k=None, use_cache=True):
+def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, use_cache=True):
     """Tokens (B, N) in raster order for class labels (B,). `order` is the training order: 'random' draws
     each next position uniformly among those not yet generated, 'raster' goes row by row.
+    cfg > 1 mixes the logits with those of a 'no class' copy (classifier-free guidance, off by default).
     use_cache=False recomputes the causal Transformer over the whole prefix at every step (reference)."""
     B, N, C = len(labels), model.grid_size ** 2, model.config['n_embd']
     one_d = model.head is None  # the 1D baselines predict the single next token (Table 1)
     # Picking a uniformly random position among those left at every step draws a uniformly random
     # permutation, so we draw it up front; the 1D models are told it as their target positions.
     orders = make_orders(B, N, order, generator)  # (B, N) the position generated at each step
+    if cfg != 1.0:  # the unconditional copies read the same positions and receive the same tokens
+        labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
     target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)
-    rows = torch.arange(B, device=labels.device)
-    tokens = torch.zeros(B, N, dtype=torch.long, device=labels.device)  # (B, N) raster layout
-    grid_h = torch.zeros(B, N, C, device=labels.device)  # causal state of each generated position
-    seen = torch.zeros(B, N, dtype=torch.bool, device=labels.device)
+    rows = torch.arange(len(labels), device=labels.device)
+    tokens = torch.zeros(len(labels), N, dtype=torch.long, device=labels.device)  # (B, N) raster layout
+    h_steps = torch.zeros(len(labels), N, C, device=labels.device)  # (B, N, C) h_steps[:, t] has seen t tokens
     t_model = model.transformer
     try:
         if use_cache:
-            t_model.setup_cache(B, N)  # the class and N-1 tokens; the last token is never fed back
+            t_model.setup_cache(len(labels), N)  # the class and N-1 tokens; the last token is never fed back
             h = t_model.prefill(labels, target(0, 1))  # (B, 1, C)
         else:
             h = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
-        h_cls = h
         for t in range(N):
+            h_steps[:, t] = h[:, -1]
             pos = orders[:, t]  # (B,)
-            # the head's prediction for all positions left, read at the chosen one: (B, C)
-            z = h[:, -1] if one_d else model.head(h_cls, grid_h, seen)[rows, pos]
-            tok = sample_token(model.classifier(z), temperature, top_k, generator)  # (B,)
+            if one_d:
+                z = h_steps[:, t]
+            else:  # the head predicts the positions left (global: all, local: the chunk of pos); read pos
+                z, positions, _ = model.head(h_steps, orders, torch.full((len(labels), 1), t, device=pos.device))
+                z = z[rows, (positions == pos[:, None]).int().argmax(1)]  # (B, C)
+            logits = model.classifier(z)  # (B, V)
+            if cfg != 1.0:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg * (cond - uncond)
+            tok = sample_token(logits, temperature, top_k, generator)  # (B,)
+            if cfg != 1.0:
+                tok = tok.repeat(2)
             tokens[rows, pos] = tok
             if t == N - 1:
                 break
@@ -69,11 +80,9 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, use_c
                 h = t_model.decode(tok[:, None], pos[:, None], step, target(t + 1, t + 2))  # (B, 1, C)
             else:
                 h = t_model(tokens.gather(1, orders[:, :t + 1]), labels, orders[:, :t + 1], target(0, t + 2))
-            grid_h[rows, pos] = h[:, -1].to(grid_h.dtype)
-            seen[rows, pos] = True
     finally:
         t_model.clear_cache()
-    return tokens
+    return tokens[:B]
 
 
 def save_grid(images, path, ncol):
@@ -115,7 +124,7 @@ def main(args):
         labels.fill_(args.class_label)
     images, t0 = [], time.time()
     for i in range(0, args.num_images, args.batch_size):
-        tokens = generate(model, labels[i:i + args.batch_size], order, g, args.temperature, args.top_k)
+        tokens = generate(model, labels[i:i + args.batch_size], order, g, args.temperature, args.top_k, args.cfg)
         images.append(tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size)).cpu())
         done = i + len(tokens)
         print(f"sampled {done}/{args.num_images} images, {done / (time.time() - t0):.2f} images/s")
@@ -134,6 +143,7 @@ def get_parser():
     parser.add_argument('--batch_size', type=int, default=100)
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
+    parser.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale; 1 = off (the paper)')
     parser.add_argument('--class_label', type=int, default=None, help='one class for all images (default: balanced)')
     parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
     parser.add_argument('--seed', type=int, default=0)

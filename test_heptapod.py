@@ -3,6 +3,8 @@ Tests for heptapod: python -m pytest -q
 Tiny configs on the CPU with fixed seeds; each test checks one property.
 """
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from heads import Heptapod, sample_prefix_lens
 from model import Transformer, make_orders
 from sample import generate
 
-N = 16 * 16
-TINY = dict(vocab_size=512, num_classes=10, grid_size=16, n_layer=2, n_embd=32, n_head=2)
+G = 8  # model-level tests use an 8x8 grid: every property holds, at a quarter of the steps
+N = G * G
+TINY = dict(vocab_size=512, num_classes=10, grid_size=G, n_layer=2, n_embd=32, n_head=2)
 
 
 def tiny_model(head='global', **kw):
@@ -27,7 +30,7 @@ def tiny_model(head='global', **kw):
 
 
 def fixed_batch(B=8, seed=0):
-    images, labels = tokenizers.make_shapes(B, seed=seed)
+    images, labels = tokenizers.make_shapes(B, size=G, seed=seed)
     return tokenizers.PixelTokenizer().encode(images).flatten(1), labels
 
 
@@ -45,13 +48,13 @@ def run_train(tmp_path, *flags):
 @pytest.mark.parametrize('target_aware', [False, True])
 def test_changing_a_later_token_never_changes_an_earlier_hidden_state(target_aware):
     torch.manual_seed(0)
-    model = Transformer(512, 10, 16, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
     g = torch.Generator().manual_seed(0)
     idx, labels = torch.randint(512, (2, N - 1)), torch.tensor([3, 7])
     orders = make_orders(2, N, 'random', g)
     target = orders if target_aware else None
     h = model(idx, labels, orders[:, :-1], target)  # (2, N, C)
-    j = 100
+    j = 30
     idx2 = idx.clone()
     idx2[:, j:] = (idx2[:, j:] + 1) % 512  # change the tokens read at steps j, j+1, ...
     h2 = model(idx2, labels, orders[:, :-1], target)
@@ -64,7 +67,7 @@ def test_only_the_1d_model_is_told_the_next_position(target_aware):
     # RAR Fig. 3: two orders that differ only in their last two positions. The state that has seen N-2
     # tokens must predict different positions, so only a target-aware model may tell them apart.
     torch.manual_seed(0)
-    model = Transformer(512, 10, 16, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
     idx, labels = torch.randint(512, (1, N - 1)), torch.tensor([0])
     orders = make_orders(1, N, 'random', torch.Generator().manual_seed(0))
     swapped = orders.clone()
@@ -78,7 +81,7 @@ def test_only_the_1d_model_is_told_the_next_position(target_aware):
 @pytest.mark.parametrize('target_aware', [False, True])
 def test_kv_cache_decode_matches_full_forward(target_aware):
     torch.manual_seed(0)
-    model = Transformer(512, 10, 16, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
     orders = make_orders(3, N, 'random', torch.Generator().manual_seed(1))
     idx, labels = torch.randint(512, (3, 20)), torch.tensor([1, 2, 3])
     target = orders if target_aware else None
@@ -95,47 +98,96 @@ def test_kv_cache_decode_matches_full_forward(target_aware):
 # -----------------------------------------------------------------------------
 # the global 2D head
 
-def head_inputs(model, idx, labels, orders, prefix_lens):
+def head_outputs(model, idx, labels, orders, prefix_lens):
     seq = idx.gather(1, orders)
     h = model.transformer(seq[:, :-1], labels, orders[:, :-1])
-    return model.head.loss_inputs(h, idx, orders, prefix_lens)
+    return model.head(h, orders, prefix_lens)  # z, positions, seen
 
 
-def test_head_scores_exactly_the_positions_not_yet_seen():
+def test_global_head_scores_exactly_the_positions_not_yet_seen():
     model = tiny_model('global')
     idx, labels = fixed_batch(4)
     g = torch.Generator().manual_seed(0)
     orders = make_orders(4, N, 'random', g)
     prefix_lens = sample_prefix_lens(4, 3, N, g)  # (4, 3)
-    z, targets = head_inputs(model, idx, labels, orders, prefix_lens)
-    assert z.shape == (12, N, 32) and targets.shape == (12, N)
+    z, positions, seen = head_outputs(model, idx, labels, orders, prefix_lens)
+    assert z.shape == (12, N, 32) and torch.equal(positions, torch.arange(N).expand(12, N))
     rank = orders.argsort(1).repeat_interleave(3, 0)  # (12, N)
-    seen = rank < prefix_lens.flatten()[:, None]
-    assert torch.equal(targets == -1, seen)
-    assert torch.equal(targets[~seen], idx.repeat_interleave(3, 0)[~seen])
-    # the model's loss is the mean cross-entropy over exactly those positions
-    logits = model.classifier(z)
-    expected = F.cross_entropy(logits[~seen], idx.repeat_interleave(3, 0)[~seen])
+    assert torch.equal(seen, rank < prefix_lens.flatten()[:, None])
+    # the model's loss is the mean cross-entropy over exactly the unseen positions
+    targets = idx.repeat_interleave(3, 0)
+    expected = F.cross_entropy(model.classifier(z)[~seen], targets[~seen])
     torch.testing.assert_close(model(idx, labels, orders, prefix_lens), expected)
 
 
-def test_head_prediction_never_sees_tokens_outside_the_prefix():
-    model = tiny_model('global')
+@pytest.mark.parametrize('head', ['global', 'local'])
+def test_head_prediction_never_sees_tokens_outside_the_prefix(head):
+    model = tiny_model(head, window=16 if head == 'local' else None)
     idx, labels = fixed_batch(2)
     orders = make_orders(2, N, 'random', torch.Generator().manual_seed(0))
-    t = 50
+    t = 20
     prefix_lens = torch.full((2, 1), t)
-    z, _ = head_inputs(model, idx, labels, orders, prefix_lens)
+    z, _, _ = head_outputs(model, idx, labels, orders, prefix_lens)
     future = orders[:, t:]  # positions read at step t and later
     idx2 = idx.clone()
     idx2.scatter_(1, future, (idx.gather(1, future) + 7) % 512)
-    z2, _ = head_inputs(model, idx2, labels, orders, prefix_lens)
+    z2, _, _ = head_outputs(model, idx2, labels, orders, prefix_lens)
     torch.testing.assert_close(z, z2, atol=0, rtol=0)
     idx3 = idx.clone()
     last = orders[:, t - 1:t]
     idx3.scatter_(1, last, (idx.gather(1, last) + 7) % 512)  # but the last token of the prefix does matter
-    z3, _ = head_inputs(model, idx3, labels, orders, prefix_lens)
+    z3, _, _ = head_outputs(model, idx3, labels, orders, prefix_lens)
     assert not torch.allclose(z, z3)
+
+
+@pytest.mark.parametrize('window', [4, 16])
+def test_local_head_predicts_the_chunk_of_the_next_position_and_scores_its_unseen_positions(window):
+    model = tiny_model('local', window=window)
+    idx, labels = fixed_batch(3)
+    g = torch.Generator().manual_seed(0)
+    orders = make_orders(3, N, 'random', g)
+    prefix_lens = sample_prefix_lens(3, 4, N, g)
+    z, positions, seen = head_outputs(model, idx, labels, orders, prefix_lens)
+    assert z.shape == (12, window, 32)
+    s = int(window ** 0.5)
+    rank = orders.argsort(1)
+    for b in range(3):
+        for j in range(4):
+            t, row = prefix_lens[b, j].item(), positions[b * 4 + j]
+            r, c = divmod(orders[b, t].item(), G)  # the next position: its s x s chunk is predicted
+            chunk = [(r // s * s + i) * G + c // s * s + k for i in range(s) for k in range(s)]
+            assert row.tolist() == chunk
+            assert seen[b * 4 + j].tolist() == [rank[b, p].item() < t for p in chunk]
+    targets = idx.repeat_interleave(4, 0).gather(1, positions)
+    expected = F.cross_entropy(model.classifier(z)[~seen], targets[~seen])
+    torch.testing.assert_close(model(idx, labels, orders, prefix_lens), expected)
+
+
+def test_local_head_chunks_never_mix_positions_of_other_chunks():
+    # a query of one chunk only sees its own chunk's queries: changing another chunk's query embedding
+    # (through its position embedding) leaves the prediction unchanged
+    model = tiny_model('local', window=16)
+    idx, labels = fixed_batch(1)
+    orders = make_orders(1, N, 'random', torch.Generator().manual_seed(0))
+    prefix_lens = torch.tensor([[30]])
+    z, positions, _ = head_outputs(model, idx, labels, orders, prefix_lens)
+    outside = torch.ones(N, dtype=torch.bool)
+    outside[positions[0]] = False
+    outside[orders[0, :30]] = False  # the prefix states carry position embeddings too
+    with torch.no_grad():
+        model.head.pos_emb[0, outside] += 1.0
+    z2, _, _ = head_outputs(model, idx, labels, orders, prefix_lens)
+    torch.testing.assert_close(z, z2, atol=0, rtol=0)
+
+
+def test_whole_grid_window_chunk_is_the_global_heads_grid():
+    model = tiny_model('local', window=N)  # w = 256 on the paper's 16x16 grid
+    assert model.head.chunk_pos.shape == (1, N) and torch.equal(model.head.chunk_pos[0], torch.arange(N))
+    idx, labels = fixed_batch(2)
+    orders = make_orders(2, N, 'random', torch.Generator().manual_seed(0))
+    _, positions, seen = head_outputs(model, idx, labels, orders, torch.tensor([[10], [50]]))
+    _, g_positions, g_seen = head_outputs(tiny_model('global'), idx, labels, orders, torch.tensor([[10], [50]]))
+    assert torch.equal(positions, g_positions) and torch.equal(seen, g_seen)
 
 
 def test_prefix_lengths_are_distinct_and_inside_the_grid():
@@ -155,10 +207,10 @@ def test_raster_order_is_row_major_and_random_orders_are_permutations():
 # -----------------------------------------------------------------------------
 # training
 
-@pytest.mark.parametrize('head,order', [('global', 'random'), ('global', 'raster'),
+@pytest.mark.parametrize('head,order', [('global', 'random'), ('global', 'raster'), ('local', 'random'),
                                         ('linear', 'raster'), ('linear', 'random')])
 def test_every_order_and_head_trains_with_falling_loss_on_a_fixed_batch(head, order):
-    model = tiny_model(head).train()
+    model = tiny_model(head, window=16 if head == 'local' else None).train()
     idx, labels = fixed_batch(8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -219,9 +271,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypa
 # -----------------------------------------------------------------------------
 # sampling
 
-@pytest.mark.parametrize('head,order', [('global', 'random'), ('linear', 'raster'), ('linear', 'random')])
+@pytest.mark.parametrize('head,order', [('global', 'random'), ('local', 'random'), ('linear', 'raster'),
+                                        ('linear', 'random')])
 def test_kv_cache_sampling_equals_recomputing_from_scratch(head, order):
-    model = tiny_model(head)
+    model = tiny_model(head, window=16 if head == 'local' else None)
     labels = torch.tensor([0, 5, 9])
     cached = generate(model, labels, order, torch.Generator().manual_seed(0))
     recomputed = generate(model, labels, order, torch.Generator().manual_seed(0), use_cache=False)
@@ -352,3 +405,41 @@ def test_training_on_a_cache_with_another_tokenizer_flag_fails_clearly(tmp_path,
     meta.write_text(meta.read_text().replace('"pixel"', '"vq"'))  # a cache of other tokens
     with pytest.raises(SystemExit, match="holds 'vq' tokens; pass --tokenizer vq"):
         run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'))
+
+
+def readme_ablation_flags():
+    text = open(os.path.join(os.path.dirname(__file__), 'README.md')).read()
+    table = text[text.index('## Paper ablations as flags'):].split('\n## ')[0]
+    return [row.split('|')[3].strip().strip('`') for row in table.splitlines()
+            if row.startswith('| ') and '--' in row.split('|')[3]]
+
+
+@pytest.mark.parametrize('flags', readme_ablation_flags())
+def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
+    args = train.get_parser().parse_args(shlex.split(flags) + [
+        '--size', 'tiny', '--batch_size', '2', '--max_steps', '2', '--epochs', '0', '--warmup_epochs', '0',
+        '--num_samples', '0', '--log_interval', '1', '--out_dir', str(tmp_path)])
+    train.main(args)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 2 and ckpt['args']['head'] == args.head
+
+
+@pytest.mark.parametrize('flags,message', [
+    ('--head local --window 20', 'does not tile'),
+    ('--head local --window 16 --order raster', 'use --order random'),
+    ('--head global --window 16', 'use --head local'),
+    ('--head linear --density 4', 'scores every step already'),
+    ('--class_dropout 1.5', 'must be in [0, 1)'),
+])
+def test_invalid_flag_combinations_fail_at_start_up_in_one_line(flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        run_train(tmp_path, *shlex.split(flags))
+    assert '\n' not in str(e.value)
+
+
+def test_dry_run_prints_parameters_and_flops_and_trains_nothing(tmp_path, capsys):
+    args = train.get_parser().parse_args(['--dry_run', '--size', 'B', '--out_dir', str(tmp_path)])
+    train.main(args)
+    out = capsys.readouterr().out
+    assert 'parameters total' in out and 'training FLOPs per image, total' in out
+    assert not (tmp_path / 'ckpt.pt').exists()

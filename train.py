@@ -73,6 +73,19 @@ def check_args(args, meta, world_size):
         errors.append(f"--density {args.density} must be in [1, {N}] (the number of grid positions)")
     if args.head == 'linear' and args.density != 1:
         errors.append("--density applies to the 2D heads; --head linear scores every step already")
+    s = math.isqrt(args.window)
+    if s * s != args.window or meta['grid_size'] % s:
+        errors.append(f"--window {args.window} does not tile the {meta['grid_size']}x{meta['grid_size']} grid "
+                      f"(use s*s with s dividing {meta['grid_size']}, e.g. 16, 64, {N})")
+    if args.head == 'global' and args.window != N:
+        errors.append(f"--head global predicts the whole grid (window {N}); use --head local for --window {args.window}")
+    if args.head == 'linear' and args.window != N:
+        errors.append("--window applies to the 2D heads; --head linear predicts one token")
+    if args.head == 'local' and args.order != 'random':
+        errors.append("--head local predicts the chunk of a randomly drawn next position: use --order random "
+                      "(or --head linear --order raster for the 1D-raster baseline)")
+    if not 0 <= args.class_dropout < 1:
+        errors.append("--class_dropout must be in [0, 1)")
     if args.head_depth is not None and args.head_depth < 1:
         errors.append("--head_depth must be >= 1")
     if meta['tokenizer'] != args.tokenizer:
@@ -82,6 +95,19 @@ def check_args(args, meta, world_size):
                       f"{meta['num_images']} images of --data")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
+
+
+def dry_run(model, args, world_size):
+    """Print the resolved configuration, the parameters of each part and the training FLOPs per image."""
+    print0('configuration: ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
+    parts = {'backbone': model.transformer, 'head': model.head, 'classifier': model.classifier}
+    for name, part in parts.items():
+        print0(f"parameters {name:<10} {0 if part is None else sum(p.numel() for p in part.parameters()):>14,}")
+    print0(f"parameters {'total':<10} {sum(p.numel() for p in model.parameters()):>14,}")
+    flops = model.flops_per_image(args.density)
+    for name, f in flops.items():
+        print0(f"training FLOPs per image, {name:<10} {f / 1e9:10.2f} GFLOP")
+    print0(f"training FLOPs per image, {'total':<10} {sum(flops.values()) / 1e9:10.2f} GFLOP")
 
 
 def main(args):
@@ -103,8 +129,14 @@ def main(args):
     # --- data ---
     tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
     meta['num_images'] = len(labels)
-    check_args(args, meta, world_size)
     N = meta['grid_size'] ** 2
+    args.window = args.window or N  # the global head's window is the whole grid
+    check_args(args, meta, world_size)
+    steps_per_epoch = len(labels) // world_size // args.batch_size
+    if args.epochs:  # the paper counts epochs (Sec. 5.1: 800); steps follow from the data and batch size
+        args.max_steps = round(args.epochs * steps_per_epoch)
+    if args.warmup_epochs is not None:
+        args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     print0(f"data: {args.data}, {len(labels)} images, {meta['grid_size']}x{meta['grid_size']} tokens, "
            f"vocabulary {meta['vocab_size']}, {meta['num_classes']} classes")
 
@@ -112,8 +144,12 @@ def main(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth else {}))
     config = dict(vocab_size=meta['vocab_size'], num_classes=meta['num_classes'], grid_size=meta['grid_size'],
-                  head=args.head, head_depth=args.head_depth, **size)
+                  head=args.head, head_depth=args.head_depth, window=args.window if args.head == 'local' else None,
+                  **size)
     model = Heptapod(**config).to(device)
+    if args.dry_run:
+        dry_run(model, args, world_size)
+        return
     ema = Heptapod(**config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices and embeddings only
@@ -122,8 +158,9 @@ def main(args):
                                    {'params': no_decay, 'weight_decay': 0.0}],
                                   lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == 'cuda')
     print0(f"model: {args.size} ({size['n_layer']} layers, width {size['n_embd']}), head {args.head}"
-           f"{'' if model.head is None else f' ({len(model.head.blocks)} layers)'}, order {args.order}, "
-           f"density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+           f"{'' if model.head is None else f' ({len(model.head.blocks)} layers, window {args.window})'}, "
+           f"order {args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+           f"parameters; {args.max_steps} steps of {args.batch_size * world_size} images")
 
     # --- randomness of the method: generation orders and supervised prefix lengths, one stream per rank ---
     gen = torch.Generator(device).manual_seed(args.seed + rank)
@@ -180,6 +217,9 @@ def main(args):
 
         idx, y = get_batch(tokens, labels, step, args, rank, world_size)
         idx, y = idx.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.class_dropout > 0:  # train the 'no class' token for CFG (Fig. 1 comparison; off in the paper)
+            drop = torch.rand(len(y), generator=gen, device=gen.device) < args.class_dropout
+            y = torch.where(drop, raw_model.num_classes, y)
         orders = make_orders(len(y), N, args.order, gen)  # (B, N)
         prefix_lens = sample_prefix_lens(len(y), args.density, N, gen)  # (B, n)
         lr = get_lr(step, args)
@@ -225,8 +265,10 @@ def get_parser():
     # model
     parser.add_argument('--size', default='tiny', choices=list(SIZES), help='Table 3: B, L, H; tiny/small for CPU')
     parser.add_argument('--depth', type=int, default=None, help='causal layers (default: the size\'s; Table 4)')
-    parser.add_argument('--head', default='global', choices=['global', 'linear'],
-                        help='global: 2D head (Heptapod); linear: single next token (1D baselines of Table 1)')
+    parser.add_argument('--head', default='global', choices=['global', 'local', 'linear'],
+                        help='global / local: 2D heads (Sec. 4.3); linear: one next token (1D baselines, Table 1)')
+    parser.add_argument('--window', type=int, default=None,
+                        help='positions per chunk of the local head, 16 = 4x4, 64 = 8x8 (Fig. 7); default: whole grid')
     parser.add_argument('--head_depth', type=int, default=None, help='head layers (default: = backbone depth)')
     parser.add_argument('--order', default='random', choices=['random', 'raster'], help='generation order')
     parser.add_argument('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
@@ -237,6 +279,8 @@ def get_parser():
     # optimization
     parser.add_argument('--batch_size', type=int, default=16, help='per process; the paper uses 2048 in total')
     parser.add_argument('--max_steps', type=int, default=1300)
+    parser.add_argument('--epochs', type=float, default=None, help='run length in epochs, sets --max_steps (paper: 800)')
+    parser.add_argument('--warmup_epochs', type=float, default=None, help='sets --warmup_steps (MAR: 100)')
     parser.add_argument('--lr', type=float, default=8e-4, help='Sec. 5.1: 8e-4')
     parser.add_argument('--lr_schedule', default='cosine', choices=['constant', 'cosine'],
                         help='after warmup (not in the paper; MAR: constant)')
@@ -246,6 +290,8 @@ def get_parser():
     parser.add_argument('--beta2', type=float, default=0.95)
     parser.add_argument('--grad_clip', type=float, default=3.0, help='MAR: 3.0')
     parser.add_argument('--ema', type=float, default=0.9999, help='EMA decay (MAR: 0.9999)')
+    parser.add_argument('--class_dropout', type=float, default=0.0,
+                        help="probability of the 'no class' label, for CFG at sampling (the paper uses none)")
     # sampling at the end of training
     parser.add_argument('--num_samples', type=int, default=40, help='images in out_dir/samples.png (0: none)')
     parser.add_argument('--temperature', type=float, default=1.0)
@@ -256,6 +302,7 @@ def get_parser():
     parser.add_argument('--ckpt_interval', type=int, default=500)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--dry_run', action='store_true', help='print the configuration, sizes and FLOPs, then exit')
     return parser
 
 
