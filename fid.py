@@ -38,8 +38,8 @@ STATS_SHAPES = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s'
 
 
 class BasicConv2d(nn.Module):
-    """Conv (no bias), BatchNorm (TF's epsilon 0.001), ReLU. padding='same' pads k // 2 on each side, which is
-    TF's SAME for odd kernels at stride 1; the graph's other convolutions are VALID (padding=0)."""
+    """Conv (no bias), BatchNorm (eps 0.001, as in every port of the graph), ReLU. padding='same' pads k // 2
+    on each side, TF's SAME for odd kernels at stride 1; the graph's other convolutions are VALID (padding=0)."""
 
     def __init__(self, c_in, c_out, kernel_size, stride=1, padding='same'):
         super().__init__()
@@ -54,7 +54,7 @@ class BasicConv2d(nn.Module):
 
 def avg_pool(x):
     # TF's SAME-padded average pool divides by the number of real pixels: count_include_pad=False, unlike
-    # torchvision's blocks; this is the main change of pytorch-fid's FIDInception* blocks
+    # torchvision's blocks. With Mixed_7c's max pool, this is all that pytorch-fid's FIDInception* blocks change
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -187,13 +187,15 @@ def load_inception(path=DEFAULT_WEIGHTS, device='cpu'):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path}: not a readable PyTorch state dict ({type(e).__name__}: {e})")
+        raise SystemExit(f"error: {path}: not a PyTorch file that loads with weights_only=True ({type(e).__name__})")
+    if not isinstance(state, dict):
+        raise SystemExit(f"error: {path} holds a {type(state).__name__}, not a state dict of the FID Inception")
     model = FIDInception()
     own = model.state_dict()
     # pytorch-fid's file was saved from torchvision's model and holds BatchNorm's num_batches_tracked counters;
     # torch-fidelity's converted file (same tensors) has none. They count training steps only, so we take ours
     # where they are missing and check every other key strictly.
-    state = {**{k: v for k, v in own.items() if k.endswith('num_batches_tracked')}, **dict(state)}
+    state = {**{k: v for k, v in own.items() if k.endswith('num_batches_tracked')}, **state}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise SystemExit(f"error: {path} is not the FID Inception-v3 ({WEIGHTS_FILE}): "
@@ -288,7 +290,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, splits=10, seed=2020):
-    """exp(E_x KL(p(y|x) || p(y))), averaged over splits of the shuffled samples, in float64."""
+    """exp(E_x KL(p(y|x) || p(y))) over the 1008 classes, averaged over splits of the shuffled samples."""
     N = len(logits)
     assert N >= splits, f"{N} samples for {splits} splits"
     # shuffled first, so that class-sorted sample files do not give one-class splits; RandomState(2020) is
@@ -367,7 +369,7 @@ def load_images(path):
                              f"resize them to one size first, as the evaluated samples have")
         images = np.stack(images)  # (N, H, W, 3)
     else:
-        raise SystemExit(f"error: {path}: neither an .npz file nor a folder of images")
+        raise SystemExit(f"error: {path}: {'not an .npz file or a folder' if os.path.exists(path) else 'no such file'}")
     check_images(images, path)
     return images
 
@@ -378,13 +380,16 @@ def load_reference(path, model, batch_size=64, device='cpu', resize='tf1'):
     if os.path.isfile(path) and path.endswith('.npz'):
         with np.load(path) as f:
             ref = {k: f[k] for k in STATS_SHAPES if k in f.files}
-            has_images = 'arr_0' in f.files
-        if ref:  # statistics given: images, if any, serve precision/recall only (as in ADM's evaluator)
-            for k in ('mu', 'sigma') + (('mu_s', 'sigma_s') if 'mu_s' in ref or 'sigma_s' in ref else ()):
-                if ref.get(k, np.empty(0)).shape != STATS_SHAPES[k]:
+            keys = f.files
+        if not ref and 'arr_0' not in keys:
+            raise SystemExit(f"error: {path} has neither statistics (mu, sigma) nor images (arr_0); keys: {keys}")
+        if ref:  # statistics given: the images, if any, serve precision/recall only (as in ADM's evaluator)
+            needed = ['mu', 'sigma'] + (['mu_s', 'sigma_s'] if 'mu_s' in ref or 'sigma_s' in ref else [])
+            for k in needed:
+                if k not in ref or ref[k].shape != STATS_SHAPES[k]:
                     raise SystemExit(f"error: {path}: '{k}' is {ref[k].shape if k in ref else 'missing'}, expected "
                                      f"{STATS_SHAPES[k]} (ADM's reference batch layout: mu, sigma, mu_s, sigma_s)")
-            pool = features(model, load_images(path), batch_size, device, resize)['pool'] if has_images else None
+            pool = features(model, load_images(path), batch_size, device, resize)['pool'] if 'arr_0' in keys else None
             return ref, pool
     feats = features(model, load_images(path), batch_size, device, resize)
     return stats(feats), feats['pool']
@@ -402,8 +407,8 @@ def main(args):
         raise SystemExit("error: give REF to compare SAMPLES with, or --save_stats OUT.npz to write their statistics")
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = load_inception(args.inception, device)
+    images = load_images(args.samples)  # read before the reference's features are computed: errors come first
     ref = load_reference(args.ref, model, args.batch_size, device, args.resize) if args.ref else None
-    images = load_images(args.samples)
     print(f"{args.samples}: {len(images)} images of {images.shape[1]}x{images.shape[2]}")
     feats = features(model, images, args.batch_size, device, args.resize)
     if args.save_stats:  # the images too, so that precision/recall work against this file

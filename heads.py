@@ -115,26 +115,236 @@ class LocalHead(nn.Module):
         return self.ln_f(x).view(B * n, w, C), positions.view(B * n, w), seen.view(B * n, w)
 
 
+# -----------------------------------------------------------------------------
+# Token heads: what turns the head's output z at a position into a token distribution (Sec. 3)
+
+
+class LinearClassifier(nn.Module):
+    """Discrete tokens: a linear classifier over the vocabulary, trained with cross-entropy."""
+
+    def __init__(self, n_embd, vocab_size):
+        super().__init__()
+        self.linear = nn.Linear(n_embd, vocab_size)
+        init_weights(self, 1)
+
+    def loss(self, z, targets, scored, generator=None):
+        # z: (..., C); targets: (...) token ids; scored: (...) bool. The mean over the scored tokens,
+        # as MAR averages its loss over masked tokens
+        logits = self.linear(z).float()  # (..., V)
+        return F.cross_entropy(logits.flatten(0, -2), targets.masked_fill(~scored, -1).flatten(), ignore_index=-1)
+
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
+        """One token per row of z (B, C); with cfg != 1, z is (2B, C), the 'no class' rows second, and the
+        logits are mixed: uncond + cfg * (cond - uncond)."""
+        logits = self.linear(z).float() / temperature  # (B, V)
+        if cfg != 1.0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg * (cond - uncond)
+        if top_k:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float('-inf'))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]  # (B,)
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal embedding of integer timesteps, cos before sin (DiT and MAR)."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t[:, None].float() * freqs[None]  # (M, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (M, dim)
+
+
+class ResBlock(nn.Module):
+    """MLP block with adaptive LayerNorm: shift and scale the normalised input, gate the residual."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, y):
+        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+class DiffusionMLP(nn.Module):
+    """MAR's denoising MLP (SimpleMLPAdaLN in LTH14/mar models/diffloss.py): from a noisy token x_t, the
+    timestep t and the head's output z, predict the noise and the variance interpolation v of x_t."""
+
+    def __init__(self, token_dim, n_embd, width, depth):
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_embed = nn.Linear(n_embd, width)
+        self.input_proj = nn.Linear(token_dim, width)
+        self.blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final = nn.Linear(width, 2 * token_dim)  # noise and v: learned variance (IDDPM)
+        for m in self.modules():  # MAR's initialisation
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in (self.time_embed[0], self.time_embed[2]):
+            nn.init.normal_(m.weight, std=0.02)
+        for m in [b.ada[1] for b in self.blocks] + [self.final_ada[1], self.final]:
+            nn.init.zeros_(m.weight)  # every block starts as the identity, and the output at 0
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, z):
+        y = self.time_embed(timestep_embedding(t)) + self.cond_embed(z)  # (M, W) the condition
+        x = self.input_proj(x)
+        for block in self.blocks:
+            x = block(x, y)
+        shift, scale = self.final_ada(y).chunk(2, dim=-1)
+        return self.final(self.final_norm(x) * (1 + scale) + shift)  # (M, 2D)
+
+
+class GaussianDiffusion:
+    """DDPM with the cosine schedule over 1000 steps, epsilon prediction and a learned variance between
+    the posterior's and beta_t (IDDPM, as in MAR's diffusion/). With num_sampling_steps < 1000 the chain
+    is respaced: it keeps evenly spaced timesteps and recomputes betas from their alpha_bar."""
+
+    def __init__(self, num_sampling_steps=1000, num_steps=1000):
+        s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # Nichol & Dhariwal, Eq. 17
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        # respacing (IDDPM respace.py): round(k (T-1) / (S-1)) for k = 0..S-1, both ends kept
+        self.timesteps = torch.round(torch.arange(num_sampling_steps, dtype=torch.float64)
+                                     * (num_steps - 1) / max(num_sampling_steps - 1, 1)).long()
+        ac = alphas_cumprod[self.timesteps]
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        self.betas = 1 - ac / ac_prev
+        self.alphas_cumprod, self.alphas_cumprod_prev = ac, ac_prev
+        posterior_var = self.betas * (1 - ac_prev) / (1 - ac)
+        self.posterior_log_var = torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]]))  # clipped at t=0
+        self.posterior_coef_x0 = self.betas * ac_prev.sqrt() / (1 - ac)
+        self.posterior_coef_xt = (1 - ac_prev) * (1 - self.betas).sqrt() / (1 - ac)
+
+    def _at(self, a, i):
+        return a.to(i.device)[i].float()[:, None]  # (M, 1)
+
+    def q_sample(self, x0, i, noise):
+        return self._at(self.alphas_cumprod.sqrt(), i) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), i) * noise
+
+    def posterior(self, x0, x_t, i):
+        """Mean and log-variance of q(x_{t-1} | x_t, x0)."""
+        mean = self._at(self.posterior_coef_x0, i) * x0 + self._at(self.posterior_coef_xt, i) * x_t
+        return mean, self._at(self.posterior_log_var, i)
+
+    def p_mean_logvar(self, eps, v, x_t, i, clip=False):
+        """The model's p(x_{t-1} | x_t): x0 from the predicted noise (clipped to [-1, 1] only for bounded
+        tokens, as IDDPM for images; MAR's latents are not), the posterior mean, and a log-variance
+        interpolated by v between the posterior's and log beta_t."""
+        ac = self._at(self.alphas_cumprod, i)
+        x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        frac = (v + 1) / 2
+        logvar = frac * self._at(self.betas.log(), i) + (1 - frac) * self._at(self.posterior_log_var, i)
+        return self.posterior(x0, x_t, i)[0], logvar
+
+    def loss(self, net, x0, z, generator):
+        """Per-row loss (M,) of IDDPM's hybrid objective: MSE on the noise plus the variational bound, which
+        trains only the variance (the mean enters it detached); timesteps uniform, one per row."""
+        i = torch.randint(len(self.timesteps), (len(x0),), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_t = self.q_sample(x0, i, noise)
+        eps, v = net(x_t, self.timesteps.to(i.device)[i], z).float().chunk(2, dim=-1)
+        mse = ((noise - eps) ** 2).mean(-1)
+        mean, logvar = self.p_mean_logvar(eps.detach(), v, x_t, i)
+        true_mean, true_logvar = self.posterior(x0, x_t, i)
+        kl = 0.5 * (-1 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                    + (true_mean - mean) ** 2 * torch.exp(-logvar))  # KL(q || p) of two Gaussians
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)  # at t = 0, the decoder term
+        vb = torch.where(i == 0, nll.mean(-1), kl.mean(-1)) / math.log(2.0)  # in bits, as IDDPM
+        return mse + vb
+
+    @torch.no_grad()
+    def sample(self, net, z, generator, temperature=1.0, cfg=1.0, clip=False):
+        """Ancestral sampling from noise, temperature scaling the noise of each step (MAR). With cfg != 1,
+        z is (2B, C) with the 'no class' rows second; only the noise prediction is guided.
+        The first respaced step has beta ~ 1 - 2.5e-6, so it multiplies the error of the predicted noise
+        by ~630: MAR's networks are exact enough there; small, briefly trained ones need clip=True."""
+        B = len(z) // 2 if cfg != 1.0 else len(z)
+        x = torch.randn(B, net.final.out_features // 2, generator=generator, device=z.device)  # (B, D)
+        for k in reversed(range(len(self.timesteps))):
+            i = torch.full((B,), k, device=z.device)
+            out = net(x.repeat(len(z) // B, 1), self.timesteps.to(z.device)[i].repeat(len(z) // B), z).float()
+            eps, v = out[:B].chunk(2, dim=-1)
+            if cfg != 1.0:
+                eps = out[B:, :eps.size(1)] + cfg * (eps - out[B:, :eps.size(1)])
+            mean, logvar = self.p_mean_logvar(eps, v, x, i, clip)
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x = mean + (k > 0) * torch.exp(0.5 * logvar) * noise * temperature
+        return x
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log-likelihood of x under a Gaussian discretised to bins of width 2/255 (ADM's decoder term,
+    with the tanh approximation of the normal CDF)."""
+    def cdf(u):
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+class DiffusionLoss(nn.Module):
+    """Continuous tokens (MAR): the diffusion MLP models p(token | z) at each position."""
+
+    repeats = 4  # each target is noised 4 times per batch (MAR's diffusion_batch_mul in its README)
+
+    def __init__(self, token_dim, n_embd, width, depth, num_sampling_steps=100, clip_denoised=False):
+        super().__init__()
+        self.clip_denoised = clip_denoised  # tokens bounded to [-1, 1] (pixels), not VAE latents
+        self.net = DiffusionMLP(token_dim, n_embd, width, depth)
+        self.train_diffusion = GaussianDiffusion(1000)
+        self.sample_diffusion = GaussianDiffusion(num_sampling_steps)
+
+    def loss(self, z, targets, scored, generator):
+        # z: (..., C); targets: (..., D); scored: (...) bool -> mean over the scored tokens and repeats
+        z, targets, scored = z.flatten(0, -2), targets.flatten(0, -2), scored.flatten().float()
+        rows = self.train_diffusion.loss(self.net, targets.repeat(self.repeats, 1), z.repeat(self.repeats, 1),
+                                         generator)  # (repeats * M,)
+        return (rows * scored.repeat(self.repeats)).sum() / (scored.sum() * self.repeats)
+
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
+        return self.sample_diffusion.sample(self.net, z, generator, temperature, cfg, self.clip_denoised)
+
+
 def sample_prefix_lens(batch_size, density, N, generator):
     """n distinct prefix lengths per sequence, uniform over [0, N): the steps the head is trained at."""
     rand = torch.rand(batch_size, N, generator=generator, device=generator.device)
     return rand.argsort(dim=1)[:, :density]  # (B, n)
 
 
+def take(x, index):
+    """x[b, index[b, k]] for tokens x: (B, N) ids or (B, N, D) vectors; index: (B, K)."""
+    return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.size(-1)))
+
+
 class Heptapod(nn.Module):
-    """Causal Transformer (model.py) + prediction head + token classifier. The constructor's arguments
-    are saved in every checkpoint as `config`, so sample.py rebuilds the model without flags."""
+    """Causal Transformer (model.py) + prediction head + token head. The constructor's arguments are
+    saved in every checkpoint as `config`, so sample.py rebuilds the model without flags.
+    Discrete tokens (token_dim = 0): ids in [0, vocab_size), a linear classifier. Continuous tokens
+    (token_dim = D): D-dim vectors, a diffusion MLP of diffusion_width x diffusion_depth (MAR)."""
 
     def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, head='global', head_depth=None,
-                 window=None):
+                 window=None, token_dim=0, diffusion_width=None, diffusion_depth=None, clip_denoised=False):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size, n_layer=n_layer,
-                           n_embd=n_embd, n_head=n_head, head=head, head_depth=head_depth, window=window)
+                           n_embd=n_embd, n_head=n_head, head=head, head_depth=head_depth, window=window,
+                           token_dim=token_dim, diffusion_width=diffusion_width, diffusion_depth=diffusion_depth,
+                           clip_denoised=clip_denoised)
         self.grid_size = grid_size
         self.num_classes = num_classes
         # the 1D heads are told the next position (target-aware); the 2D heads never are (Fig. 4)
         self.transformer = Transformer(vocab_size, num_classes, grid_size, n_layer, n_embd, n_head,
-                                       target_aware=(head == 'linear'))
+                                       target_aware=(head == 'linear'), token_dim=token_dim)
         # the head has the backbone's width and, by default, its depth (Sec. 5.1, Table 4)
         head_depth = head_depth or n_layer
         if head == 'global':
@@ -144,34 +354,34 @@ class Heptapod(nn.Module):
         else:
             assert head == 'linear', head
             self.head = None
-        self.classifier = nn.Linear(n_embd, vocab_size)  # discrete tokens: softmax over the vocabulary (Sec. 3)
-        init_weights(self.classifier, 1)
+        if token_dim:
+            self.token_head = DiffusionLoss(token_dim, n_embd, diffusion_width, diffusion_depth,
+                                            clip_denoised=clip_denoised)
+        else:
+            self.token_head = LinearClassifier(n_embd, vocab_size)
 
-    def forward(self, idx, labels, orders, prefix_lens):
-        """idx: (B, N) tokens in raster order; labels: (B,); orders: (B, N) the generation order of each
-        sample; prefix_lens: (B, n) the steps to supervise (2D heads). Returns the mean cross-entropy."""
-        seq = idx.gather(1, orders)  # (B, N) tokens in generation order
+    def forward(self, idx, labels, orders, prefix_lens, generator=None):
+        """idx: (B, N) token ids or (B, N, D) vectors in raster order; labels: (B,); orders: (B, N) the
+        generation order of each sample; prefix_lens: (B, n) the steps to supervise (2D heads);
+        generator: the diffusion's noise (continuous tokens). Returns the mean loss of the scored tokens."""
+        seq = take(idx, orders)  # tokens in generation order
         if self.head is None:  # 1D: h_t predicts the token at the next position orders[:, t]
             h = self.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # (B, N, C)
-            z, targets = h, seq
+            z, targets, scored = h, seq, torch.ones_like(orders, dtype=torch.bool)
         else:  # 2D: h_0..h_t predict the positions not yet seen
             h = self.transformer(seq[:, :-1], labels, orders[:, :-1])  # (B, N, C)
             z, positions, seen = self.head(h, orders, prefix_lens)  # (B*n, P, C), (B*n, P), (B*n, P)
-            n = prefix_lens.size(1)
-            targets = idx.repeat_interleave(n, 0).gather(1, positions).masked_fill(seen, -1)  # score unseen only
-        logits = self.classifier(z)  # (..., V)
-        # mean over the scored tokens, as MAR averages its loss over masked tokens
-        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
-
+            targets, scored = take(idx.repeat_interleave(prefix_lens.size(1), 0), positions), ~seen
+        return self.token_head.loss(z, targets, scored, generator)
     def flops_per_image(self, density):
         """Training FLOPs per image (forward + backward = 3 x forward), by part. A matmul of m x k by k x n
         counts 2mkn. Per layer of width C over T tokens: 24 T C^2 for the linears (qkv 3C^2, proj C^2,
         MLP 8C^2) and 4 T Tk C for attention over Tk keys (QK^T and AV), halved when causal.
         Backbone: T = N causal. Global head: n prefixes of T = N+1. Local head: n prefixes of w queries,
         each layer adding cross-attention (8 w C^2 + 4 w N C, keys projected once per image: 4 N C^2).
-        Classifier: 2 C V for every position the head outputs."""
-        cfg = self.config
-        C, L, V, N = cfg['n_embd'], cfg['n_layer'], cfg['vocab_size'], self.grid_size ** 2
+        Token head: 2 x (its linear weights) for every position the head outputs (N per prefix, or w),
+        times 4 noised copies for the diffusion MLP, which runs on all of them (as MAR)."""
+        C, L, N = self.config['n_embd'], self.config['n_layer'], self.grid_size ** 2
         backbone = L * (24 * N * C ** 2 + 2 * N * N * C)
         if self.head is None:
             head, outputs = 0, N
@@ -182,4 +392,6 @@ class Heptapod(nn.Module):
             w = self.head.window
             per_layer = density * (24 * w * C ** 2 + 4 * w * w * C + 8 * w * C ** 2 + 4 * w * N * C) + 4 * N * C ** 2
             head, outputs = len(self.head.blocks) * per_layer, density * w
-        return {'backbone': 3 * backbone, 'head': 3 * head, 'classifier': 3 * 2 * outputs * C * V}
+        linear = sum(m.weight.numel() for m in self.token_head.modules() if isinstance(m, nn.Linear))
+        rows = outputs * (DiffusionLoss.repeats if isinstance(self.token_head, DiffusionLoss) else 1)
+        return {'backbone': 3 * backbone, 'head': 3 * head, 'token head': 3 * 2 * linear * rows}

@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Table 3 of the paper (FFN dim = 4 x width); tiny and small are ours, sized for CPU work
+# Table 3 of the paper (FFN dim = 4 x width), with the diffusion MLP of continuous tokens sized as the
+# paper's appendix A (from MAR): {6, 8, 12} blocks of width {1024, 1280, 1536}. tiny and small are ours, for CPUs.
 SIZES = {
-    'tiny': dict(n_layer=2, n_embd=64, n_head=4),
-    'small': dict(n_layer=6, n_embd=256, n_head=8),
-    'B': dict(n_layer=12, n_embd=768, n_head=12),
-    'L': dict(n_layer=16, n_embd=1024, n_head=16),
-    'H': dict(n_layer=20, n_embd=1280, n_head=16),  # head dim 80
+    'tiny': dict(n_layer=2, n_embd=64, n_head=4, diffusion_depth=2, diffusion_width=64),
+    'small': dict(n_layer=6, n_embd=256, n_head=8, diffusion_depth=3, diffusion_width=384),
+    'B': dict(n_layer=12, n_embd=768, n_head=12, diffusion_depth=6, diffusion_width=1024),
+    'L': dict(n_layer=16, n_embd=1024, n_head=16, diffusion_depth=8, diffusion_width=1280),
+    'H': dict(n_layer=20, n_embd=1280, n_head=16, diffusion_depth=12, diffusion_width=1536),  # head dim 80
 }
 
 
@@ -110,10 +111,11 @@ def init_weights(module, n_layer):
 class Transformer(nn.Module):
     """The causal backbone: class token + (token, own 2D position) inputs -> hidden states h."""
 
-    def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, target_aware=False):
+    def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, target_aware=False, token_dim=0):
         super().__init__()
         N = grid_size * grid_size
-        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        # discrete tokens are looked up; continuous tokens (token_dim > 0) are linearly projected
+        self.tok_emb = nn.Linear(token_dim, n_embd) if token_dim else nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(N, n_embd)  # the token's own 2D position, row-major index
         self.cls_emb = nn.Embedding(num_classes + 1, n_embd)  # the last row is 'no class', for CFG dropout
         self.target_pos_emb = nn.Embedding(N, n_embd) if target_aware else None  # RAR Eq. 4, 1D heads only
@@ -122,8 +124,8 @@ class Transformer(nn.Module):
         init_weights(self, n_layer)
 
     def forward(self, idx, labels, pos, target_pos=None):
-        """Training and reference path. idx, pos: (B, T) tokens in generation order and their grid
-        positions; labels: (B,); target_pos: (B, T+1) next positions (target-aware models only).
+        """Training and reference path. idx: (B, T) token ids or (B, T, D) vectors in generation order;
+        pos: (B, T) their grid positions; labels: (B,); target_pos: (B, T+1) next positions (target-aware models only).
         Returns h: (B, T+1, C), where h[:, t] has seen the class and the first t tokens."""
         x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(idx) + self.pos_emb(pos)], dim=1)  # (B, 1+T, C)
         return self.run(x, target_pos, is_causal=True)

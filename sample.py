@@ -19,27 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from heads import Heptapod
+from heads import Heptapod, take
 from model import make_orders
-from tokenizers import TOKENIZERS
-
-
-def sample_token(logits, temperature, top_k, generator):
-    """One token per row of logits (B, V): softmax at a temperature, optionally restricted to the top k."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]  # (B,)
+from tokenizers import make_tokenizer
 
 
 @torch.no_grad()
 def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, use_cache=True):
     """Tokens (B, N) in raster order for class labels (B,). `order` is the training order: 'random' draws
     each next position uniformly among those not yet generated, 'raster' goes row by row.
-    cfg > 1 mixes the logits with those of a 'no class' copy (classifier-free guidance, off by default).
+    cfg > 1 guides with a 'no class' copy (classifier-free guidance, off by default): logit mixing for
+    discrete tokens, the noise prediction with MAR's linear schedule for continuous ones.
     use_cache=False recomputes the causal Transformer over the whole prefix at every step (reference)."""
-    B, N, C = len(labels), model.grid_size ** 2, model.config['n_embd']
+    B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']
     one_d = model.head is None  # the 1D baselines predict the single next token (Table 1)
     # Picking a uniformly random position among those left at every step draws a uniformly random
     # permutation, so we draw it up front; the 1D models are told it as their target positions.
@@ -48,7 +40,8 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
         labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
     target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)
     rows = torch.arange(len(labels), device=labels.device)
-    tokens = torch.zeros(len(labels), N, dtype=torch.long, device=labels.device)  # (B, N) raster layout
+    tokens = torch.zeros(len(labels), N, *([D] if D else []), dtype=torch.float if D else torch.long,
+                         device=labels.device)  # (B, N) ids or (B, N, D) vectors, raster layout
     h_steps = torch.zeros(len(labels), N, C, device=labels.device)  # (B, N, C) h_steps[:, t] has seen t tokens
     t_model = model.transformer
     try:
@@ -65,13 +58,11 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
             else:  # the head predicts the positions left (global: all, local: the chunk of pos); read pos
                 z, positions, _ = model.head(h_steps, orders, torch.full((len(labels), 1), t, device=pos.device))
                 z = z[rows, (positions == pos[:, None]).int().argmax(1)]  # (B, C)
-            logits = model.classifier(z)  # (B, V)
+            # MAR's linear CFG schedule for the diffusion head: 1 at the first token, cfg at the last
+            step_cfg = 1 + (cfg - 1) * (t + 1) / N if D else cfg
+            tok = model.token_head.sample(z, generator, temperature, step_cfg, top_k)  # (B,) or (B, D)
             if cfg != 1.0:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg * (cond - uncond)
-            tok = sample_token(logits, temperature, top_k, generator)  # (B,)
-            if cfg != 1.0:
-                tok = tok.repeat(2)
+                tok = tok.repeat(2, *([1] * (tok.dim() - 1)))
             tokens[rows, pos] = tok
             if t == N - 1:
                 break
@@ -79,7 +70,7 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
                 step = torch.full((1,), t + 1, device=labels.device)
                 h = t_model.decode(tok[:, None], pos[:, None], step, target(t + 1, t + 2))  # (B, 1, C)
             else:
-                h = t_model(tokens.gather(1, orders[:, :t + 1]), labels, orders[:, :t + 1], target(0, t + 2))
+                h = t_model(take(tokens, orders[:, :t + 1]), labels, orders[:, :t + 1], target(0, t + 2))
     finally:
         t_model.clear_cache()
     return tokens[:B]
@@ -117,7 +108,7 @@ def main(args):
     model = Heptapod(**ckpt['config']).to(device).eval()
     model.load_state_dict(ckpt['ema' if args.ema else 'model'])
     meta, order = ckpt['data_meta'], ckpt['args']['order']
-    tokenizer = TOKENIZERS[meta['tokenizer']]()
+    tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device)
     g = torch.Generator(device).manual_seed(args.seed)
     labels = torch.arange(args.num_images, device=device) % meta['num_classes']  # balanced classes
     if args.class_label is not None:
@@ -125,7 +116,7 @@ def main(args):
     images, t0 = [], time.time()
     for i in range(0, args.num_images, args.batch_size):
         tokens = generate(model, labels[i:i + args.batch_size], order, g, args.temperature, args.top_k, args.cfg)
-        images.append(tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size)).cpu())
+        images.append(tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size, *tokens.shape[2:])).cpu())
         done = i + len(tokens)
         print(f"sampled {done}/{args.num_images} images, {done / (time.time() - t0):.2f} images/s")
     images = torch.cat(images).numpy()  # (num_images, H, W, 3) uint8
@@ -147,6 +138,8 @@ def get_parser():
     parser.add_argument('--class_label', type=int, default=None, help='one class for all images (default: balanced)')
     parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--tokenizer_ckpt', default=None,
+                        help='vq/vae weights to decode with (default: the file the cache was made with)')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     return parser
 

@@ -2,6 +2,8 @@
 Tests for heptapod: python -m pytest -q
 Tiny configs on the CPU with fixed seeds; each test checks one property.
 """
+import argparse
+import math
 import os
 import re
 import shlex
@@ -116,7 +118,7 @@ def test_global_head_scores_exactly_the_positions_not_yet_seen():
     assert torch.equal(seen, rank < prefix_lens.flatten()[:, None])
     # the model's loss is the mean cross-entropy over exactly the unseen positions
     targets = idx.repeat_interleave(3, 0)
-    expected = F.cross_entropy(model.classifier(z)[~seen], targets[~seen])
+    expected = F.cross_entropy(model.token_head.linear(z)[~seen], targets[~seen])
     torch.testing.assert_close(model(idx, labels, orders, prefix_lens), expected)
 
 
@@ -159,7 +161,7 @@ def test_local_head_predicts_the_chunk_of_the_next_position_and_scores_its_unsee
             assert row.tolist() == chunk
             assert seen[b * 4 + j].tolist() == [rank[b, p].item() < t for p in chunk]
     targets = idx.repeat_interleave(4, 0).gather(1, positions)
-    expected = F.cross_entropy(model.classifier(z)[~seen], targets[~seen])
+    expected = F.cross_entropy(model.token_head.linear(z)[~seen], targets[~seen])
     torch.testing.assert_close(model(idx, labels, orders, prefix_lens), expected)
 
 
@@ -207,17 +209,22 @@ def test_raster_order_is_row_major_and_random_orders_are_permutations():
 # -----------------------------------------------------------------------------
 # training
 
-@pytest.mark.parametrize('head,order', [('global', 'random'), ('global', 'raster'), ('local', 'random'),
-                                        ('linear', 'raster'), ('linear', 'random')])
-def test_every_order_and_head_trains_with_falling_loss_on_a_fixed_batch(head, order):
-    model = tiny_model(head, window=16 if head == 'local' else None).train()
+@pytest.mark.parametrize('head,order,tokens', [('global', 'random', 'discrete'), ('global', 'raster', 'discrete'),
+                                               ('local', 'random', 'discrete'), ('linear', 'raster', 'discrete'),
+                                               ('linear', 'random', 'discrete'), ('global', 'random', 'continuous'),
+                                               ('linear', 'raster', 'continuous')])
+def test_every_order_and_head_trains_with_falling_loss_on_a_fixed_batch(head, order, tokens):
+    continuous = dict(token_dim=12, diffusion_width=32, diffusion_depth=2) if tokens == 'continuous' else {}
+    model = tiny_model(head, window=16 if head == 'local' else None, **continuous).train()
     idx, labels = fixed_batch(8)
+    if continuous:  # the shapes as 2x2 pixel patches
+        idx = tokenizers.PixelPatchTokenizer().encode(tokenizers.make_shapes(8, size=2 * G)[0]).flatten(1, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(30):
         orders = make_orders(8, N, order, g)
-        loss = model(idx, labels, orders, sample_prefix_lens(8, 4 if head == 'global' else 1, N, g))
+        loss = model(idx, labels, orders, sample_prefix_lens(8, 4 if head == 'global' else 1, N, g), g)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -253,8 +260,9 @@ def test_data_shards_of_ranks_are_disjoint_and_cover_the_epoch():
     for rank in range(2):
         for step in range(4):  # 40 images / 2 ranks / 5 per batch = 4 steps per epoch
             idx, y = train.get_batch(tokens, labels, step, args, rank, 2)
-            seen += [tuple(row.tolist()) for row in idx]
-    assert len(set(seen)) == len({tuple(t.flatten().tolist()) for t in torch.from_numpy(tokens.astype(np.int64))})
+            assert idx.shape == (5, 2, 256)  # each image and its mirror
+            seen += [tuple(row[0].tolist()) for row in idx]
+    assert len(set(seen)) == len({tuple(t[0].flatten().tolist()) for t in torch.from_numpy(tokens.astype(np.int64))})
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -283,9 +291,10 @@ def test_kv_cache_sampling_equals_recomputing_from_scratch(head, order):
 
 
 def test_top_k_one_samples_the_most_likely_token():
-    logits = torch.randn(10, 50)
-    tok = sample.sample_token(logits, 1.0, 1, torch.Generator().manual_seed(0))
-    assert torch.equal(tok, logits.argmax(-1))
+    head = tiny_model().token_head
+    z = torch.randn(10, 32)
+    tok = head.sample(z, torch.Generator().manual_seed(0), top_k=1)
+    assert torch.equal(tok, head.linear(z).argmax(-1))
 
 
 def test_sample_cli_writes_npz_in_the_adm_layout(tmp_path):
@@ -337,15 +346,15 @@ def test_image_folder_caches_trains_and_samples(tmp_path):
     args = argparse_cache(tmp_path / 'images', tmp_path / 'cache')
     tokenizers.cache(args)
     tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert tokens.shape == (6, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # 2 bad files skipped
+    assert tokens[np.arange(6)].shape == (6, 2, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # 2 bad skipped
     assert meta['classes'] == ['cats', 'dogs'] and meta['vocab_size'] == 512
     ckpt = run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--max_steps', '2', '--batch_size', '2')
     assert ckpt['data_meta']['num_classes'] == 2 and ckpt['step'] == 2
 
 
-def argparse_cache(data, out):
-    import argparse
-    return argparse.Namespace(tokenizer='pixel', data=str(data), image_size=16, out=str(out))
+def argparse_cache(data, out, *flags):
+    return tokenizers.get_parser().parse_args(['cache', '--data', str(data), '--out', str(out), '--workers', '0',
+                                               *flags])
 
 
 def test_center_crop_gives_the_target_size_from_any_aspect():
@@ -443,3 +452,404 @@ def test_dry_run_prints_parameters_and_flops_and_trains_nothing(tmp_path, capsys
     out = capsys.readouterr().out
     assert 'parameters total' in out and 'training FLOPs per image, total' in out
     assert not (tmp_path / 'ckpt.pt').exists()
+
+
+# -----------------------------------------------------------------------------
+# continuous tokens: the diffusion MLP (MAR)
+
+def test_cosine_schedule_and_respacing_match_their_closed_forms():
+    from heads import GaussianDiffusion
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    full = GaussianDiffusion(1000)
+    k = torch.arange(999, dtype=torch.float64)
+    expected = torch.tensor([f((i + 1) / 1000) / f(0) for i in k.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(full.alphas_cumprod[:-1], expected)  # only beta_999 is clipped (to 0.999)
+    assert abs(full.betas[0].item() - 4.1284e-5) < 1e-8 and abs(full.betas[-1].item() - 0.999) < 1e-12
+    spaced = GaussianDiffusion(100)
+    assert spaced.timesteps.tolist() == [round(i * 999 / 99) for i in range(100)]
+    assert spaced.timesteps[:7].tolist() == [0, 10, 20, 30, 40, 50, 61]  # as IDDPM's space_timesteps
+    torch.testing.assert_close(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps])
+    torch.testing.assert_close(spaced.betas[1:], 1 - spaced.alphas_cumprod[1:] / spaced.alphas_cumprod[:-1])
+    assert abs(spaced.betas[-1].item() - 0.99999) < 1e-5  # respaced betas are not clipped again
+
+
+def test_diffusion_mlp_learns_a_conditional_two_mode_distribution():
+    from heads import DiffusionLoss
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # bounded toy data, so x0 may be clipped as for pixel tokens (see GaussianDiffusion.sample)
+    head = DiffusionLoss(token_dim=2, n_embd=8, width=64, depth=2, num_sampling_steps=50, clip_denoised=True)
+    modes = torch.tensor([[[0.6, 0.6], [-0.6, -0.6]], [[0.6, -0.6], [-0.6, 0.6]]])  # (condition, mode, xy)
+    cond_z = torch.randn(2, 8, generator=g)  # one head output z per condition
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    for _ in range(300):
+        c, m = torch.randint(2, (256,), generator=g), torch.randint(2, (256,), generator=g)
+        x = modes[c, m] + 0.05 * torch.randn(256, 2, generator=g)
+        loss = head.loss(cond_z[c], x, torch.ones(256, dtype=torch.bool), g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for c in range(2):
+        x = head.sample(cond_z[c].expand(200, 8), g)  # (200, 2)
+        dist = (x[:, None] - modes[c][None]).norm(dim=-1)  # (200, 2) to the condition's modes
+        near = dist.min(1).values < 0.25
+        assert near.float().mean() > 0.9, f"condition {c}: {near.float().mean():.2f} near its modes"
+        share = (dist.argmin(1) == 0).float().mean()
+        assert 0.25 < share < 0.75, f"condition {c}: mode shares {share:.2f}"  # both modes, not one
+
+
+@pytest.mark.parametrize('steps', [1000, 100])
+def test_sampler_given_the_true_noise_returns_the_clean_token(steps):
+    # the reverse chain itself, unclipped as MAR: with a perfect noise prediction it ends at x0
+    from heads import GaussianDiffusion
+    d = GaussianDiffusion(steps)
+    x0 = torch.tensor([[0.6, -0.6, 2.5]])
+
+    class Oracle(torch.nn.Module):
+        final = torch.nn.Linear(1, 6)  # sample() reads the token size from the last layer
+
+        def forward(self, x_t, t, z):  # t: original timesteps; eps such that x_t = q_sample(x0, t, eps)
+            ac = GaussianDiffusion(1000).alphas_cumprod[t].float()[:, None]
+            return torch.cat([(x_t - ac.sqrt() * x0) / (1 - ac).sqrt(), torch.zeros_like(x_t)], -1)
+    x = d.sample(Oracle(), torch.zeros(1, 4), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+
+
+def test_diffusion_loss_scores_only_the_given_positions():
+    from heads import DiffusionLoss
+    head = DiffusionLoss(token_dim=4, n_embd=8, width=16, depth=1)
+    z, x = torch.randn(3, 5, 8), torch.randn(3, 5, 4)
+    scored = torch.rand(3, 5) < 0.5
+    loss = head.loss(z, x, scored, torch.Generator().manual_seed(0))
+    x2 = torch.where(scored[..., None], x, torch.randn(3, 5, 4))  # other targets where not scored
+    assert loss == head.loss(z, x2, scored, torch.Generator().manual_seed(0))
+    assert loss != head.loss(z, x + 1, scored, torch.Generator().manual_seed(0))
+
+
+def test_continuous_model_passes_exactly_the_unseen_positions_to_the_diffusion_loss(monkeypatch):
+    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
+    captured = {}
+    real_loss = type(model.token_head).loss
+
+    def spy(self, z, targets, scored, generator):
+        captured.update(z=z, targets=targets, scored=scored)
+        return real_loss(self, z, targets, scored, generator)
+    monkeypatch.setattr(type(model.token_head), 'loss', spy)
+    g = torch.Generator().manual_seed(0)
+    idx, labels = torch.rand(2, N, 12) * 2 - 1, torch.tensor([1, 2])
+    orders, prefix_lens = make_orders(2, N, 'random', g), torch.tensor([[5], [40]])
+    model(idx, labels, orders, prefix_lens, g)
+    rank = orders.argsort(1)
+    assert torch.equal(captured['scored'], rank >= prefix_lens)
+    torch.testing.assert_close(captured['targets'], idx)
+
+
+def test_continuous_kv_cache_sampling_equals_recomputing():
+    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
+    model.token_head.sample_diffusion = type(model.token_head.sample_diffusion)(10)  # 10 steps: fast
+    labels = torch.tensor([0, 5])
+    cached = generate(model, labels, 'random', torch.Generator().manual_seed(0))
+    recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), use_cache=False)
+    assert cached.shape == (2, N, 12)
+    torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_pixel_patch_tokens_round_trip_exactly():
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    tok = tokenizers.PixelPatchTokenizer(patch_size=2)
+    tokens = tok.encode(images)
+    assert tokens.shape == (2, 16, 16, 12) and tokens.min() >= -1 and tokens.max() <= 1
+    assert torch.equal(tokens[0, 3, 5], images[0, 6:8, 10:12].float().div(127.5).sub(1).flatten())
+    assert torch.equal(tok.decode(tokens), images)
+    assert torch.equal(tok.decode(tokens.half().float()), images)  # the float16 cache keeps every level
+
+
+# -----------------------------------------------------------------------------
+# the paper's tokenizers (LlamaGen VQ-16, MAR KL-16): nothing can be downloaded, so each is built with
+# random weights and saved in its official checkpoint format. The official state dicts, written from the reference constructors' naming rules
+# (LlamaGen tokenizer/tokenizer_image/vq_model.py, MAR models/vae.py), not from our modules
+
+ENC_LEVELS = [(128, 128), (128, 128), (128, 256), (256, 256), (256, 512)]  # (in, out) per level, highest res first
+DEC_LEVELS = [(512, 512), (512, 256), (256, 256), (256, 128), (128, 128)]  # in forward order, lowest res first
+
+
+def conv(name, c_out, c_in, k):
+    return {f'{name}.weight': (c_out, c_in, k, k), f'{name}.bias': (c_out,)}
+
+
+def norm(name, c):
+    return {f'{name}.weight': (c,), f'{name}.bias': (c,)}
+
+
+def resnet(name, c_in, c_out):
+    keys = {**norm(f'{name}.norm1', c_in), **conv(f'{name}.conv1', c_out, c_in, 3),
+            **norm(f'{name}.norm2', c_out), **conv(f'{name}.conv2', c_out, c_out, 3)}
+    return {**keys, **conv(f'{name}.nin_shortcut', c_out, c_in, 1)} if c_in != c_out else keys
+
+
+def attn(name, c):
+    return {**norm(f'{name}.norm', c), **{k: v for p in 'qkv' for k, v in conv(f'{name}.{p}', c, c, 1).items()},
+            **conv(f'{name}.proj_out', c, c, 1)}
+
+
+def official_keys(model):
+    """{name: shape} of the released state dict: model 'vq' (vq_ds16_c2i.pt) or 'vae' (kl16.ckpt)."""
+    vq = model == 'vq'
+    res, down, up = ('res', 'conv_blocks', 'conv_blocks') if vq else ('block', 'down', 'up')
+    mid = ('0', '1', '2') if vq else ('block_1', 'attn_1', 'block_2')
+    z_enc, z_dec = (256, 256) if vq else (32, 16)
+    keys = {}
+    for part, z_in, z_out in (('encoder', 3, z_enc), ('decoder', z_dec, 3)):
+        keys.update(conv(f'{part}.conv_in', 512 if part == 'decoder' else 128, z_in, 3))
+        keys.update({**resnet(f'{part}.mid.{mid[0]}', 512, 512), **attn(f'{part}.mid.{mid[1]}', 512),
+                     **resnet(f'{part}.mid.{mid[2]}', 512, 512)})
+        keys.update(norm(f'{part}.norm_out', 512 if part == 'encoder' else 128))
+        keys.update(conv(f'{part}.conv_out', z_out, 512 if part == 'encoder' else 128, 3))
+    for i, (c_in, c_out) in enumerate(ENC_LEVELS):
+        for j in range(2):
+            keys.update(resnet(f'encoder.{down}.{i}.{res}.{j}', c_in if j == 0 else c_out, c_out))
+            if i == 4:  # LlamaGen: the last level; MAR: attn_resolutions (16,) at resolution 256
+                keys.update(attn(f'encoder.{down}.{i}.attn.{j}', c_out))
+        if i < 4:
+            keys.update(conv(f'encoder.{down}.{i}.downsample.conv', c_out, c_out, 3))
+    for k, (c_in, c_out) in enumerate(DEC_LEVELS):
+        i = k if vq else 4 - k  # LlamaGen appends (.0 lowest resolution), MAR prepends (.0 highest)
+        for j in range(3):
+            keys.update(resnet(f'decoder.{up}.{i}.{res}.{j}', c_in if j == 0 else c_out, c_out))
+            if vq and k == 0:  # MAR's decoder has attn_resolutions ()
+                keys.update(attn(f'decoder.{up}.{i}.attn.{j}', c_out))
+        if k < 4:
+            keys.update(conv(f'decoder.{up}.{i}.upsample.conv', c_out, c_out, 3))
+    if vq:
+        keys.update({**conv('quant_conv', 8, 256, 1), **conv('post_quant_conv', 256, 8, 1)})
+        keys.update({'quantize.embedding.weight': (16384, 8), 'quantize.codebook_used': (65536,)})
+    else:
+        keys.update({**conv('quant_conv', 32, 32, 1), **conv('post_quant_conv', 16, 16, 1)})
+    return keys
+
+
+def test_official_key_lists_have_the_reported_sizes():
+    # totals from the reference dumps: 343 parameters + 1 buffer for VQ-16, 312 parameters for KL-16
+    vq, kl = official_keys('vq'), official_keys('vae')
+    assert len(vq) == 344 and len(kl) == 312
+    numel = lambda keys: sum(torch.Size(s).numel() for k, s in keys.items() if k != 'quantize.codebook_used')
+    assert numel(vq) == 71_883_403 and numel(kl) == 66_456_019  # the parameter counts of the two released models
+
+
+# -----------------------------------------------------------------------------
+# Loading checkpoints in the official format
+
+@pytest.fixture(scope='module')
+def vq_file(tmp_path_factory):
+    torch.manual_seed(0)
+    sd = tokenizers.VQModel().state_dict()
+    sd['quantize.codebook_used'] = torch.randint(16384, (65536,)).float()  # as in the released file
+    path = tmp_path_factory.mktemp('vq') / 'vq_ds16_c2i.pt'
+    torch.save({'model': sd, 'steps': 0}, path)
+    return path, sd
+
+
+@pytest.fixture(scope='module')
+def vae_file(tmp_path_factory):
+    torch.manual_seed(0)
+    sd = tokenizers.AutoencoderKL().state_dict()
+    path = tmp_path_factory.mktemp('vae') / 'kl16.ckpt'
+    torch.save({'model': sd}, path)
+    return path, sd
+
+
+@pytest.fixture(scope='module')
+def vq(vq_file):
+    return tokenizers.load_tokenizer('vq', vq_file[0])
+
+
+@pytest.fixture(scope='module')
+def vae(vae_file):
+    return tokenizers.load_tokenizer('vae', vae_file[0])
+
+
+def test_state_dict_names_and_shapes_equal_the_official_ones():
+    torch.manual_seed(0)
+    for model, name in ((tokenizers.VQModel(), 'vq'), (tokenizers.AutoencoderKL(), 'vae')):
+        expected = official_keys(name)
+        expected.pop('quantize.codebook_used', None)  # LlamaGen's training-only buffer, which the loader drops
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+
+
+def images(B=2, size=32, seed=0):
+    return torch.rand(B, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # in [-1, 1]
+
+
+def test_vq_checkpoint_loads_and_encodes_to_indices_and_decodes_to_images(vq_file, vq):
+    assert all(torch.equal(v, vq_file[1][k]) for k, v in vq.state_dict().items())
+    assert not vq.training and not any(p.requires_grad for p in vq.parameters())
+    idx = vq.encode(images())
+    assert idx.shape == (2, 2, 2) and idx.dtype == torch.int64
+    assert 0 <= idx.min() and idx.max() < vq.vocab_size == 16384
+    x = vq.decode(idx)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and x.isfinite().all()
+
+
+def test_vae_checkpoint_loads_and_encodes_to_moments_and_decodes_to_images(vae_file, vae):
+    assert all(torch.equal(v, vae_file[1][k]) for k, v in vae.state_dict().items())
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    moments = vae.encode_moments(images())
+    assert moments.shape == (2, 32, 2, 2) and moments.isfinite().all()
+    z = tokenizers.sample_latent(moments, torch.Generator().manual_seed(0))
+    assert z.shape == (2, vae.token_dim, 2, 2) and vae.token_dim == 16
+    x = vae.decode(z)
+    assert x.shape == (2, 3, 32, 32) and x.isfinite().all()
+
+
+def test_checkpoint_with_a_missing_key_is_refused_naming_it(vae_file, tmp_path):
+    path, sd = vae_file
+    sd = dict(sd)
+    del sd['decoder.up.3.upsample.conv.bias']
+    torch.save({'model': sd}, tmp_path / 'kl16.ckpt')
+    with pytest.raises(SystemExit, match=r"kl16.ckpt: expected a MAR KL-16 .*1 missing \(decoder.up.3.upsample"):
+        tokenizers.load_tokenizer('vae', tmp_path / 'kl16.ckpt')
+
+
+def test_checkpoint_with_a_renamed_key_is_refused_naming_both_names(vq_file, tmp_path):
+    path, sd = vq_file
+    sd = dict(sd)
+    sd['decoder.conv_blocks.0.block.0.conv1.weight'] = sd.pop('decoder.conv_blocks.0.res.0.conv1.weight')  # MAR's
+    torch.save({'model': sd}, tmp_path / 'vq.pt')
+    with pytest.raises(SystemExit, match=r"expected a LlamaGen VQ-16 .*1 missing \(decoder.conv_blocks.0.res.0.conv1"
+                                         r".*1 unexpected \(decoder.conv_blocks.0.block.0.conv1"):
+        tokenizers.load_tokenizer('vq', tmp_path / 'vq.pt')
+
+
+def test_the_other_tokenizers_checkpoint_is_refused(vae_file):
+    with pytest.raises(SystemExit, match=r"expected a LlamaGen VQ-16 .* missing .* unexpected"):
+        tokenizers.load_tokenizer('vq', vae_file[0])
+
+
+def test_files_that_are_not_such_checkpoints_are_refused_in_one_line(tmp_path):
+    torch.save({'state_dict': {}}, tmp_path / 'other.pt')
+    (tmp_path / 'junk.pt').write_bytes(bytes(range(256)) * 4)
+    torch.save({'model': {}, 'args': argparse.Namespace(lr=1e-4)}, tmp_path / 'train.pt')  # as vq_train.py saves
+    for file, message in (('other.pt', r"'model' state dict, found top-level keys \['state_dict'\]"),
+                          ('junk.pt', r"not a readable torch checkpoint"), ('missing.pt', r"no such file"),
+                          ('train.pt', r"pickled Python objects .* weights_only=False")):
+        with pytest.raises(SystemExit, match=rf"^error: .*{file}: .*{message}") as e:
+            tokenizers.load_tokenizer('vq', tmp_path / file)
+        assert '\n' not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# The quantizer and the posterior
+
+def test_nearest_code_has_the_maximum_cosine_similarity():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 8, 4, 5, generator=g)
+    codebook = torch.randn(1000, 8, generator=g) * torch.rand(1000, 1, generator=g) * 3  # rows of any norm
+    idx = tokenizers.nearest_code(z, codebook)
+    assert idx.shape == (3, 4, 5) and idx.dtype == torch.int64
+    cos = torch.einsum('bchw,nc->bhwn', F.normalize(z, dim=1), F.normalize(codebook, dim=1))  # (3, 4, 5, 1000)
+    assert torch.allclose(cos.gather(-1, idx[..., None])[..., 0], cos.max(-1).values, atol=1e-6)
+
+
+def test_nearest_code_finds_a_planted_code_at_each_grid_position():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 8, 3, 4, generator=g)
+    codebook = torch.randn(500, 8, generator=g)
+    planted = torch.randperm(500, generator=g)[:24].view(2, 3, 4)
+    codebook[planted] = 5 * z.permute(0, 2, 3, 1)  # same directions as the latents, another norm
+    assert torch.equal(tokenizers.nearest_code(z, codebook), planted)
+
+
+def test_vq_decode_uses_the_normalised_codebook(vq):
+    idx = torch.tensor([[[0, 1], [2, 16383]]])
+    x = vq.decode(idx)
+    table = vq.quantize.embedding.weight
+    stored = table.clone()
+    table.mul_(3.0)  # LlamaGen normalises the stored table at every use, so its norms do not matter
+    try:
+        assert torch.allclose(vq.decode(idx), x, atol=1e-5)
+    finally:
+        table.copy_(stored)
+
+
+def test_sample_latent_is_the_scaled_mean_when_std_is_tiny():
+    mean = torch.randn(2, 16, 3, 3, generator=torch.Generator().manual_seed(0))
+    moments = torch.cat([mean, torch.full_like(mean, -100.0)], dim=1)  # logvar clamped to -30: std = 3e-7
+    z = tokenizers.sample_latent(moments, torch.Generator().manual_seed(1))
+    assert torch.allclose(z, 0.2325 * mean, atol=1e-6)  # MAR's latent scale
+
+
+def test_sample_latent_draws_std_exp_half_logvar_clamped_from_the_generator():
+    mean = torch.randn(4, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    for logvar, std in ((0.0, 1.0), (2.0, 2.718281828), (100.0, 22026.4658)):  # 100 is clamped to 20: std e^10
+        moments = torch.cat([mean, torch.full_like(mean, logvar)], dim=1)
+        z = tokenizers.sample_latent(moments, torch.Generator().manual_seed(1))
+        assert abs((z / 0.2325 - mean).std().item() / std - 1) < 0.05
+        assert torch.equal(z, tokenizers.sample_latent(moments, torch.Generator().manual_seed(1)))
+
+
+def test_vae_decode_divides_by_the_latent_scale(vae):
+    z = torch.randn(2, 16, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(vae.decode(0.2325 * z), vae.decoder(vae.post_quant_conv(z)), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the token cache
+
+def test_image_folder_is_cached_with_mirrors_and_unreadable_files_are_reported(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images')
+    (tmp_path / 'images' / 'dogs' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'images' / 'dogs' / 'broken.png').write_bytes(b'not a png')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '4'))
+    err = capsys.readouterr().err
+    assert 'skipping' in err and 'notes.txt' in err and 'broken.png' in err
+    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['num_shards'] == 2 and len(tokens) == 6
+    rows = tokens[np.arange(6)]  # (6, 2, 16, 16) across both shards
+    assert np.array_equal(rows[:, 1], rows[:, 0, :, ::-1])  # the second entry is the mirrored image
+
+
+def test_killed_cache_run_continues_and_never_rewrites_a_finished_shard(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / 'images')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2')  # 3 shards
+    real_save = tokenizers.save_atomic
+
+    def killed_at_shard_1(path, array):
+        if 'tokens_00001' in path:
+            raise KeyboardInterrupt
+        real_save(path, array)
+    monkeypatch.setattr(tokenizers, 'save_atomic', killed_at_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        tokenizers.cache(args)
+    first = tmp_path / 'cache' / 'tokens_00000.npy'
+    assert first.exists() and not (tmp_path / 'cache' / 'labels_00001.npy').exists()
+    with pytest.raises(SystemExit, match='not written yet'):  # training refuses an unfinished cache
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+    written = first.stat().st_mtime_ns
+    monkeypatch.setattr(tokenizers, 'save_atomic', real_save)
+    tokenizers.cache(args)
+    assert first.stat().st_mtime_ns == written
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize('name', ['vq', 'vae'])
+def test_reconstruction_tokenizer_cache_trains_and_samples(name, vq_file, vae_file, tmp_path):
+    ckpt = str((vq_file if name == 'vq' else vae_file)[0])
+    make_image_folder(tmp_path / 'images')  # 40x30 images: centre-cropped to 32x32, a 2x2 token grid
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', name,
+                                    '--ckpt', ckpt, '--image_size', '32'))
+    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['grid_size'] == 2 and meta['ckpt'] == ckpt
+    assert tokens[np.arange(6)].shape == ((6, 2, 2, 2) if name == 'vq' else (6, 2, 2, 2, 32))  # ids or moments
+    out = run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--tokenizer', name,
+                    '--max_steps', '2', '--batch_size', '2', '--num_samples', '2')
+    assert out['step'] == 2 and (tmp_path / 'run' / 'samples.png').is_file()  # decoded with the cached weights
+
+
+def test_vae_latents_are_sampled_afresh_from_the_cached_moments():
+    moments = torch.cat([torch.zeros(2, 3, 3, 16), torch.zeros(2, 3, 3, 16)], dim=-1)  # mean 0, std 1
+    a = tokenizers.VAETokenizer.from_cache(moments, torch.Generator().manual_seed(0))
+    b = tokenizers.VAETokenizer.from_cache(moments, torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 3, 16) and not torch.equal(a, b)
+    assert abs(a.std().item() / 0.2325 - 1) < 0.2  # scaled by MAR's 0.2325

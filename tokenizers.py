@@ -1,30 +1,47 @@
 """
 Tokenizers, the built-in dataset, and the dataset cache that training memory-maps.
 
-- PixelTokenizer: each pixel is one token from a fixed palette (3 bits per channel, 512 colours),
-  so a 16x16 image is a 16x16 grid of discrete tokens. It needs no weights and trains on a CPU.
-- make_shapes: a built-in, procedurally drawn dataset (10 classes of coloured shapes on a 16x16 grid)
+- pixel: each pixel is one token from a fixed palette (3 bits per channel, 512 colours); pixel_patch:
+  each 2x2x3 patch is one continuous 12-d token. Neither needs weights: both train on a CPU.
+- vq: LlamaGen's VQ-16 (16384 codes), vae: MAR's KL-16 VAE (16 channels), the paper's tokenizers (Sec. 5.1),
+  written to load the released files (vq_ds16_c2i.pt, kl16.ckpt) as they are.
+- make_shapes: a built-in, procedurally drawn dataset (10 classes of coloured shapes, 16x16 tokens)
   with real class structure, so a class-conditional model has something to learn without a download.
-- cache: an ImageFolder (DIR/<class>/<image>) is read with Pillow, centre-cropped and resized the ADM way,
-  tokenized once, and written as tokens.npy / labels.npy / meta.json that train.py memory-maps.
+- cache: an ImageFolder (DIR/<class>/<image>) is read with Pillow, centre-cropped the ADM way and tokenized
+  once, each image with its mirror, into shards that train.py memory-maps.
 
     python tokenizers.py cache --tokenizer pixel --data DIR --image_size 16 --out CACHE
+    torchrun --nproc_per_node=8 tokenizers.py cache --tokenizer vae --ckpt kl16.ckpt --data IMAGENET/train \
+        --image_size 256 --out CACHE          # the paper's data: 16x16 tokens of each image and its mirror
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from collections import OrderedDict
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# The pixel tokenizer
+# The pixel tokenizers
 
 
-class PixelTokenizer:
+class Tokenizer:
+    """Every tokenizer: encode (uint8 images (B, H, W, 3) -> what the cache keeps), from_cache (-> the model's
+    tokens: (B, h, w) ids or (B, h, w, D) vectors) and decode (tokens -> uint8 images)."""
+
+    @staticmethod
+    def from_cache(x, generator):
+        return x  # the cache keeps the tokens themselves (the VAE keeps posterior moments instead)
+
+
+class PixelTokenizer(Tokenizer):
     """One token per pixel: the top `bits` bits of R, G and B packed into one index."""
 
     def __init__(self, bits=3):
@@ -43,7 +60,355 @@ class PixelTokenizer:
         return ((q << (8 - self.bits)) + 2 ** (7 - self.bits)).to(torch.uint8)
 
 
-TOKENIZERS = {'pixel': PixelTokenizer}
+class PixelPatchTokenizer(Tokenizer):
+    """Continuous tokens: each p x p x 3 patch of pixels, scaled to [-1, 1], is one token of 3 p^2 values
+    (a 32x32 image with p = 2 is a 16x16 grid of 12-d tokens)."""
+
+    clip_denoised = True  # bounded tokens: the diffusion sampler may clip its x0 estimate to [-1, 1]
+
+    def __init__(self, patch_size=2):
+        self.p = patch_size
+        self.token_dim = 3 * patch_size ** 2
+
+    def encode(self, images):
+        # images: (B, H, W, 3) uint8 -> tokens (B, H/p, W/p, 3 p^2) float in [-1, 1]
+        B, H, W, _ = images.shape
+        x = images.float().div(127.5).sub(1).view(B, H // self.p, self.p, W // self.p, self.p, 3)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H // self.p, W // self.p, self.token_dim)
+
+    def decode(self, tokens):
+        # tokens: (B, h, w, 3 p^2) -> images (B, h p, w p, 3) uint8
+        B, h, w, _ = tokens.shape
+        x = tokens.float().view(B, h, w, self.p, self.p, 3).permute(0, 1, 3, 2, 4, 5)  # (B, h, p, w, p, 3)
+        return x.reshape(B, h * self.p, w * self.p, 3).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# The reconstruction tokenizers: LlamaGen's VQ-16 and MAR's KL-16 VAE
+#
+# Both are the taming-transformers / LDM convolutional autoencoder: ch 128, ch_mult (1, 1, 2, 2, 4), so five levels
+# and 16x downsampling, with the same blocks. Only the checkpoints' names of the containers differ
+# (FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py, LTH14/mar models/vae.py), so the Encoder and
+# Decoder take those names as arguments. Where a checkpoint has no weights (a shortcut, attention or resampling that
+# a block lacks) we put an nn.Identity, which has no state-dict keys, so that no forward needs an `if`.
+
+
+def group_norm(c):
+    return nn.GroupNorm(32, c, eps=1e-6)  # 32 groups, eps 1e-6: Normalize() in both reference files
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm, swish, 3x3 conv, twice, plus a skip that is a 1x1 conv where the width changes."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # the references' dropout has p = 0.0 in both models, left out
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual; q, k, v and proj_out are 1x1 convs."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # each (B, H*W, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, H*W, C)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))  # (B, H*W, C) -> (B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a zero column on the right and a zero row at the bottom, then a 3x3 conv with stride 2."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H + 1, W + 1) -> (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))  # (B, C, 2H, 2W)
+
+
+class Level(nn.Module):
+    """One resolution: ResnetBlocks, each followed by an AttnBlock if the level has attention."""
+
+    def __init__(self, c_in, c_out, n_blocks, attn, res_name):
+        super().__init__()
+        self.res_name = res_name  # the checkpoint's name for the ResnetBlocks: 'res' in LlamaGen, 'block' in MAR
+        blocks = [ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)]
+        self.add_module(res_name, nn.ModuleList(blocks))
+        self.attn = nn.ModuleList([AttnBlock(c_out) if attn else nn.Identity() for _ in range(n_blocks)])
+
+    def forward(self, h):
+        for block, attn in zip(getattr(self, self.res_name), self.attn):
+            h = attn(block(h))
+        return h
+
+
+def mid_block(c, names):
+    """Res, Attn, Res at the lowest resolution, under the checkpoint's names for the three."""
+    return nn.Sequential(OrderedDict(zip(names, [ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])))
+
+
+class Encoder(nn.Module):
+    """Images (B, 3, H, W) -> (B, z_out, H/16, W/16): five levels of 2 ResnetBlocks, each but the last followed by a
+    Downsample, then mid, GroupNorm, swish, conv_out. Only the last level has attention (LlamaGen's rule; MAR's
+    attn_resolutions (16,) for its 256 construction resolution picks the same level)."""
+
+    def __init__(self, z_out, levels_name, res_name, mid_names, ch=128, ch_mult=(1, 1, 2, 2, 4)):
+        super().__init__()
+        self.levels_name = levels_name  # the checkpoint's name: 'conv_blocks' in LlamaGen, 'down' in MAR
+        widths = [ch] + [ch * m for m in ch_mult]  # 128, 128, 128, 256, 256, 512
+        last = len(ch_mult) - 1
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        levels = nn.ModuleList()
+        for i in range(len(ch_mult)):
+            level = Level(widths[i], widths[i + 1], 2, i == last, res_name)  # num_res_blocks 2 in both
+            level.downsample = Downsample(widths[i + 1]) if i < last else nn.Identity()
+            levels.append(level)
+        self.add_module(levels_name, levels)
+        self.mid = mid_block(widths[-1], mid_names)
+        self.norm_out = group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], z_out, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)  # (B, 128, H, W)
+        for level in getattr(self, self.levels_name):
+            h = level.downsample(level(h))  # halves H and W after each level but the last
+        h = self.mid(h)  # (B, 512, H/16, W/16)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, z_in, h, w) -> images (B, 3, 16h, 16w): conv_in, mid, then five levels of 3 ResnetBlocks from the
+    lowest resolution up, each but the last followed by an Upsample, then GroupNorm, swish, conv_out.
+    Only LlamaGen's decoder has attention in its lowest level (`attn`)."""
+
+    def __init__(self, z_in, attn, levels_name, lowest_first, res_name, mid_names, ch=128, ch_mult=(1, 1, 2, 2, 4)):
+        super().__init__()
+        self.levels_name = levels_name  # the checkpoint's name: 'conv_blocks' in LlamaGen, 'up' in MAR
+        self.lowest_first = lowest_first  # LlamaGen's conv_blocks.0 is the lowest resolution, MAR's up.0 the highest
+        widths = [ch * ch_mult[-1]] + [ch * m for m in reversed(ch_mult)]  # 512, 512, 256, 256, 128, 128
+        last = len(ch_mult) - 1
+        self.conv_in = nn.Conv2d(z_in, widths[0], 3, padding=1)
+        self.mid = mid_block(widths[0], mid_names)
+        levels = []  # in forward order, the lowest resolution first
+        for i in range(len(ch_mult)):
+            level = Level(widths[i], widths[i + 1], 3, attn and i == 0, res_name)  # num_res_blocks + 1 = 3 in both
+            level.upsample = Upsample(widths[i + 1]) if i < last else nn.Identity()
+            levels.append(level)
+        self.add_module(levels_name, nn.ModuleList(levels if lowest_first else levels[::-1]))
+        self.norm_out = group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))  # (B, 512, h, w)
+        levels = getattr(self, self.levels_name)
+        for level in (levels if self.lowest_first else reversed(levels)):
+            h = level.upsample(level(h))  # doubles h and w after each level but the last
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 16h, 16w)
+
+
+def nearest_code(z, codebook):
+    """Indices (B, h, w) of the codes nearest to the latents z (B, D, h, w) by cosine similarity, as LlamaGen's
+    VectorQuantizer with codebook_l2_norm: both are L2-normalised, then the squared distance is minimised."""
+    B, D, h, w = z.shape
+    z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D), dim=-1)  # (B, D, h, w) -> (B*h*w, D), rows in raster order
+    e = F.normalize(codebook, dim=-1)  # (n_codes, D)
+    d = (z ** 2).sum(1, keepdim=True) + (e ** 2).sum(1) - 2 * z @ e.T  # (B*h*w, n_codes) = 2 - 2 cos; LlamaGen's form
+    return d.argmin(dim=1).view(B, h, w)  # (B*h*w,) -> (B, h, w); ties go to the first code, as torch.argmin
+
+
+class VQModel(nn.Module):
+    """LlamaGen's VQ-16 (vq_ds16_c2i.pt): images <-> a grid of indices into 16384 L2-normalised codes of 8 dims."""
+
+    vocab_size = 16384  # codebook_size of VQ-16 (LlamaGen ModelArgs)
+
+    def __init__(self):
+        super().__init__()
+        names = dict(res_name='res', mid_names=('0', '1', '2'))  # LlamaGen's Encoder/Decoder names
+        self.encoder = Encoder(256, levels_name='conv_blocks', **names)  # z_channels 256
+        self.decoder = Decoder(256, attn=True, levels_name='conv_blocks', lowest_first=True, **names)
+        self.quantize = nn.Module()  # a container, for the key quantize.embedding.weight
+        self.quantize.embedding = nn.Embedding(16384, 8)  # codebook_size 16384, codebook_embed_dim 8
+        self.quant_conv = nn.Conv2d(256, 8, 1)
+        self.post_quant_conv = nn.Conv2d(8, 256, 1)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Images (B, 3, H, W) in [-1, 1] -> indices (B, H/16, W/16) int64. The distances to all codes take
+        B*H*W/256 x 16384 floats (1 GiB for 64 images of 256x256), so encode a dataset in batches."""
+        return nearest_code(self.quant_conv(self.encoder(x)), self.quantize.embedding.weight)
+
+    @torch.no_grad()
+    def decode(self, idx):
+        """Indices (B, h, w) -> images (B, 3, 16h, 16w), about [-1, 1] (the model does not clamp)."""
+        codes = F.normalize(self.quantize.embedding.weight, dim=-1)  # LlamaGen normalises the table at every use
+        z = codes[idx].permute(0, 3, 1, 2).contiguous()  # (B, h, w, 8) -> (B, 8, h, w), not left as channels_last
+        return self.decoder(self.post_quant_conv(z))
+
+
+VAE_SCALE = 0.2325  # latent scale of MAR's KL-16 VAE, "to normalize the std of latent to be 1" (MAR engine_mar.py)
+
+
+class AutoencoderKL(nn.Module):
+    """MAR's KL-16 VAE (kl16.ckpt): images <-> 16-channel Gaussian latents at 1/16 resolution (MAR's class name)."""
+
+    token_dim = 16  # embed_dim of KL-16 (MAR --vae_embed_dim)
+
+    def __init__(self):
+        super().__init__()
+        names = dict(res_name='block', mid_names=('block_1', 'attn_1', 'block_2'))  # MAR's Encoder/Decoder names
+        self.encoder = Encoder(2 * 16, levels_name='down', **names)  # double_z: a mean and a log-variance per channel
+        self.decoder = Decoder(16, attn=False, levels_name='up', lowest_first=False, **names)
+        self.quant_conv = nn.Conv2d(2 * 16, 2 * 16, 1)
+        self.post_quant_conv = nn.Conv2d(16, 16, 1)
+
+    @torch.no_grad()
+    def encode_moments(self, x):
+        """Images (B, 3, H, W) in [-1, 1] -> posterior moments (B, 32, H/16, W/16): mean then logvar, not scaled."""
+        return self.quant_conv(self.encoder(x))
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents (B, 16, h, w) -> images (B, 3, 16h, 16w), about [-1, 1] (the model does not clamp)."""
+        return self.decoder(self.post_quant_conv(latents / VAE_SCALE))
+
+
+def sample_latent(moments, generator, dim=1):
+    """A scaled latent drawn from the posterior given by moments (mean and log-variance stacked along `dim`:
+    (B, 32, h, w) as the VAE gives them, or (B, h, w, 32) as the cache stores them), as MAR trains on it
+    (engine_mar.py: posterior.sample().mul_(0.2325)). The noise comes from `generator`, on the moments' device;
+    MAR draws it on the CPU and moves it, so the draws differ but the distribution is the same."""
+    mean, logvar = moments.float().chunk(2, dim=dim)  # 16 channels each: the mean first, then the log-variance
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of MAR's DiagonalGaussianDistribution
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * VAE_SCALE
+
+
+RECONSTRUCTION_TOKENIZERS = {  # name: (class, what the file must be)
+    'vq': (VQModel, "a LlamaGen VQ-16 checkpoint (vq_ds16_c2i.pt) with a 'model' state dict"),
+    'vae': (AutoencoderKL, "a MAR KL-16 checkpoint (kl16.ckpt) with a 'model' state dict"),
+}
+
+
+def read_state_dict(path, expected):
+    """checkpoint['model'] of a released file, read without unpickling Python objects; one-line errors otherwise."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file (expected {expected})")
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError for files it cannot read
+        if 'Unsupported global' in str(e):  # e.g. the argparse Namespace 'args' that LlamaGen's vq_train.py saves
+            slim = f"torch.save({{'model': torch.load('{path}', weights_only=False)['model']}}, 'slim.pt')"
+            raise SystemExit(f"error: {path}: holds pickled Python objects besides tensors; if you trust the file, "
+                             f"keep only its weights with: python -c \"import torch; {slim}\"")
+        raise SystemExit(f"error: {path}: not a readable torch checkpoint ({type(e).__name__}); expected {expected}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
+        found = f"top-level keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise SystemExit(f"error: {path}: expected {expected}, found {found}")
+    return dict(ckpt['model'])  # other top-level keys (optimizer, steps, args, ema) are training state
+
+
+def load_tokenizer(name, path, device='cpu'):
+    """The 'vq' or 'vae' tokenizer with the released weights at `path`, in eval mode on `device`."""
+    cls, expected = RECONSTRUCTION_TOKENIZERS[name]
+    sd = read_state_dict(path, expected)
+    if name == 'vq':
+        sd.pop('quantize.codebook_used', None)  # LlamaGen's training-only usage counter (last 65536 codes chosen)
+    model = cls()
+    want = model.state_dict()
+    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
+    wrong = sorted(k for k in want.keys() & sd.keys() if not torch.is_tensor(sd[k]) or sd[k].shape != want[k].shape)
+    problems = [f"{len(k)} {what} ({', '.join(k[:3])}{', ...' if len(k) > 3 else ''})"
+                for what, k in (('missing', missing), ('unexpected', unexpected), ('wrongly shaped', wrong)) if k]
+    if problems:
+        raise SystemExit(f"error: {path}: expected {expected}; keys {'; '.join(problems)}")
+    model.load_state_dict(sd)  # strict: the key sets were just checked to be equal
+    return model.to(device).eval().requires_grad_(False)
+
+
+class VQTokenizer(Tokenizer):
+    """LlamaGen's VQ-16 as a tokenizer: uint8 images <-> (B, H/16, W/16) code indices."""
+
+    vocab_size = VQModel.vocab_size
+
+    def __init__(self, ckpt, device='cpu'):
+        self.model = load_tokenizer('vq', ckpt, device)
+
+    def encode(self, images):
+        return self.model.encode(to_unit_range(images, self.model))  # (B, h, w) int64
+
+    def decode(self, tokens):
+        x = self.model.decode(tokens.to(self.model.quant_conv.weight.device))  # (B, 3, H, W) about [-1, 1]
+        # LlamaGen's sample_c2i_ddp.py: clamp(127.5 x + 128, 0, 255), cast to uint8
+        return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to('cpu', torch.uint8)
+
+
+class VAETokenizer(Tokenizer):
+    """MAR's KL-16 VAE as a tokenizer: uint8 images -> posterior moments (what the cache keeps) -> scaled
+    16-d latents sampled afresh at every use, as MAR trains (B, H/16, W/16, 16) -> images."""
+
+    token_dim = AutoencoderKL.token_dim
+    clip_denoised = False  # latents are unbounded: MAR's sampler does not clip
+
+    def __init__(self, ckpt, device='cpu'):
+        self.model = load_tokenizer('vae', ckpt, device)
+
+    def encode(self, images):
+        return self.model.encode_moments(to_unit_range(images, self.model)).permute(0, 2, 3, 1)  # (B, h, w, 32)
+
+    @staticmethod
+    def from_cache(moments, generator):
+        return sample_latent(moments, generator, dim=-1)  # (B, h, w, 16)
+
+    def decode(self, tokens):
+        x = self.model.decode(tokens.permute(0, 3, 1, 2).to(self.model.quant_conv.weight.device))  # (B, 3, H, W)
+        # MAR's evaluate: (x + 1) / 2, then round(clip(x * 255)) to uint8
+        return torch.round(((x + 1) / 2).clamp(0, 1) * 255).permute(0, 2, 3, 1).to('cpu', torch.uint8)
+
+
+def to_unit_range(images, model):
+    """uint8 images (B, H, W, 3) -> (B, 3, H, W) in [-1, 1] on the model's device (ToTensor, Normalize(0.5, 0.5))."""
+    device = next(model.parameters()).device
+    return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+# the tokenizers by name; vq and vae need their released weights (--ckpt)
+TOKENIZERS = {'pixel': PixelTokenizer, 'pixel_patch': PixelPatchTokenizer, 'vq': VQTokenizer, 'vae': VAETokenizer}
+DOWNSAMPLING = {'pixel': 1, 'pixel_patch': 2, 'vq': 16, 'vae': 16}  # image size / token grid size
+
+
+def make_tokenizer(name, ckpt=None, device='cpu'):
+    if name in ('vq', 'vae'):
+        if ckpt is None:
+            raise SystemExit(f"error: --tokenizer {name} needs its released weights: --ckpt "
+                             f"{'vq_ds16_c2i.pt (FoundationVision/LlamaGen)' if name == 'vq' else 'kl16.ckpt (LTH14/mar)'}")
+        return TOKENIZERS[name](ckpt, device)
+    return TOKENIZERS[name]()
+
 
 # -----------------------------------------------------------------------------
 # The built-in dataset: coloured shapes, one shape kind per class
@@ -140,71 +505,160 @@ def list_image_folder(root):
     return paths, labels, classes
 
 
-def cache(args):
-    """Tokenize an ImageFolder once into CACHE/{tokens.npy, labels.npy, meta.json}."""
-    tokenizer = TOKENIZERS[args.tokenizer]()
-    paths, labels, classes = list_image_folder(args.data)
-    images, kept, skipped = [], [], 0
-    t0 = time.time()
-    for i, path in enumerate(paths):
-        if not path.lower().endswith(IMAGE_EXTENSIONS):
-            print(f"skipping {path}: not an image file extension", file=sys.stderr)
-            skipped += 1
-            continue
+def token_meta(tokenizer):
+    """What the model needs to know of the tokens: a vocabulary (discrete) or a dimension (continuous)."""
+    if hasattr(tokenizer, 'vocab_size'):
+        return {'vocab_size': tokenizer.vocab_size}
+    return {'token_dim': tokenizer.token_dim, 'clip_denoised': tokenizer.clip_denoised}
+
+
+def cache_array(tokens):
+    """Tokens as stored: ids as uint16 (vocabularies up to 65536), vectors and VAE moments as float16."""
+    return tokens.cpu().numpy().astype(np.uint16 if tokens.dtype == torch.long else np.float16)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(centre-cropped uint8 image or None if unreadable, label, path) of each file, for a DataLoader."""
+
+    def __init__(self, paths, labels, image_size):
+        self.paths, self.labels, self.image_size = paths, labels, image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
         try:
-            with Image.open(path) as im:
-                images.append(center_crop_arr(im.convert('RGB'), args.image_size))
-        except (OSError, ValueError) as e:  # PIL raises these for truncated or unknown files
-            print(f"skipping {path}: {e}", file=sys.stderr)
-            skipped += 1
-            continue
-        kept.append(labels[i])
-        if (i + 1) % 1000 == 0 or i + 1 == len(paths):
-            print(f"read {i + 1}/{len(paths)} images, {(i + 1) / (time.time() - t0):.0f} images/s")
-    if not images:
-        raise SystemExit(f"error: --data {args.data}: no readable images")
-    tokens = torch.cat([tokenizer.encode(torch.from_numpy(np.stack(images[i:i + 1024])))
-                        for i in range(0, len(images), 1024)])  # (M, H, W)
+            with Image.open(self.paths[i]) as im:
+                return center_crop_arr(im.convert('RGB'), self.image_size), self.labels[i], self.paths[i]
+        except (OSError, ValueError) as e:  # PIL raises these for truncated, corrupt or unknown files
+            return None, self.labels[i], f"{self.paths[i]}: {e}"
+
+
+def cache(args):
+    """Tokenize an ImageFolder into CACHE/meta.json and shards of (images, 2, h, w[, D]) tokens, each image
+    and its horizontal flip (MAR caches both; training picks one at random), and their labels.
+    Under torchrun, rank r encodes shards r, r + world, ...; a shard is written to a temporary file and
+    renamed, so a killed run continues where it stopped and a finished shard is never rewritten."""
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device)
+    paths, labels, classes = list_image_folder(args.data)
+    keep = [i for i, p in enumerate(paths) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    for p in sorted(set(paths) - {paths[i] for i in keep}):
+        print(f"skipping {p}: not an image file extension", file=sys.stderr)
+    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    num_shards = math.ceil(len(paths) / args.shard_size)
     os.makedirs(args.out, exist_ok=True)
-    np.save(os.path.join(args.out, 'tokens.npy'), tokens.numpy().astype(np.uint16))  # vocabularies up to 65536
-    np.save(os.path.join(args.out, 'labels.npy'), np.array(kept, dtype=np.int64))
-    meta = dict(tokenizer=args.tokenizer, image_size=args.image_size, grid_size=tokens.shape[1],
-                vocab_size=tokenizer.vocab_size, num_classes=len(classes), classes=classes)
-    with open(os.path.join(args.out, 'meta.json'), 'w') as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {len(images)} images of {len(classes)} classes to {args.out} ({skipped} skipped)")
+    meta = dict(tokenizer=args.tokenizer, ckpt=args.ckpt and os.path.abspath(args.ckpt), image_size=args.image_size,
+                grid_size=args.image_size // DOWNSAMPLING[args.tokenizer], num_classes=len(classes),
+                classes=classes, num_shards=num_shards, **token_meta(tokenizer))
+    if rank == 0:
+        with open(os.path.join(args.out, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+    t0, done = time.time(), 0
+    for k in range(rank, num_shards, world):
+        if os.path.exists(shard_path(args.out, k, 'labels')):
+            continue  # finished by an earlier run
+        files = ImageFiles(paths[k * args.shard_size:(k + 1) * args.shard_size],
+                           labels[k * args.shard_size:(k + 1) * args.shard_size], args.image_size)
+        loader = torch.utils.data.DataLoader(files, args.batch_size, num_workers=args.workers, collate_fn=as_list)
+        tokens, kept = [], []
+        for i, batch in enumerate(loader):
+            for image, _, what in batch:
+                if image is None:
+                    print(f"skipping {what}", file=sys.stderr)
+            batch = [b for b in batch if b[0] is not None]
+            if batch:
+                images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
+                both = tokenizer.encode(torch.cat([images, images.flip(2)]))  # the images, then their mirrors
+                tokens.append(cache_array(torch.stack(both.chunk(2), dim=1)))  # (B, 2, h, w[, D])
+                kept += [b[1] for b in batch]
+            done += len(batch)
+            if i % 20 == 0 or i == len(loader) - 1:
+                print(f"rank {rank}: shard {k + 1}/{num_shards}, {done} images, "
+                      f"{done / (time.time() - t0):.1f} images/s", flush=True)
+        save_atomic(shard_path(args.out, k, 'tokens'), np.concatenate(tokens))
+        save_atomic(shard_path(args.out, k, 'labels'), np.array(kept, dtype=np.int64))  # last: marks it done
+    print(f"rank {rank}: cache {args.out} complete for its shards")
+
+
+def as_list(batch):
+    return batch  # images may be None (unreadable): cache() sorts them out
+
+
+def shard_path(out, k, what):
+    return os.path.join(out, f'{what}_{k:05d}.npy')
+
+
+def save_atomic(path, array):
+    with open(path + '.tmp', 'wb') as f:
+        np.save(f, array)
+    os.replace(path + '.tmp', path)
+
+
+class TokenCache:
+    """The shards of a cache, memory-mapped and indexed as one (M, 2, h, w[, D]) array: only the rows of the
+    batches read are loaded."""
+
+    def __init__(self, path, num_shards):
+        missing = [k for k in range(num_shards) if not os.path.exists(shard_path(path, k, 'labels'))]
+        if missing:
+            raise SystemExit(f"error: --data {path}: shards {missing[:5]} of {num_shards} are not written yet; "
+                             f"finish the cache (rerun the same `tokenizers.py cache` command)")
+        self.shards = [np.load(shard_path(path, k, 'tokens'), mmap_mode='r') for k in range(num_shards)]
+        self.labels = np.concatenate([np.load(shard_path(path, k, 'labels')) for k in range(num_shards)])
+        self.offsets = np.cumsum([0] + [len(t) for t in self.shards])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, rows):  # rows: sorted int array
+        shard = np.searchsorted(self.offsets, rows, side='right') - 1
+        return np.concatenate([self.shards[k][rows[shard == k] - self.offsets[k]] for k in np.unique(shard)])
 
 
 def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
-    """(tokens (M, H, W), labels (M,), meta) of the built-in data ('shapes', tokenized here with
-    `tokenizer`) or of a cache directory; a cache is memory-mapped, so only the batches read are loaded."""
-    if data == 'shapes':
-        name, tokenizer = tokenizer, TOKENIZERS[tokenizer]()
-        images, labels = make_shapes(num_images, seed=seed)
-        meta = dict(tokenizer=name, image_size=16, grid_size=16, vocab_size=tokenizer.vocab_size,
-                    num_classes=len(SHAPE_CLASSES), classes=SHAPE_CLASSES)
-        return tokenizer.encode(images).numpy().astype(np.uint16), labels.numpy(), meta
-    meta_path = os.path.join(data, 'meta.json')
+    """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
+    and its mirror, of the built-in data ('shapes', tokenized here) or of a cache directory."""
+    if data == 'shapes':  # drawn at the size that gives a 16x16 token grid
+        if tokenizer not in ('pixel', 'pixel_patch'):
+            raise SystemExit(f"error: --data shapes are drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "
+                             f"cache an ImageFolder: python tokenizers.py cache --tokenizer {tokenizer} --ckpt ...")
+        tok = TOKENIZERS[tokenizer]()
+        image_size = 16 * DOWNSAMPLING[tokenizer]
+        images, labels = make_shapes(num_images, size=image_size, seed=seed)
+        tokens = torch.stack([tok.encode(images), tok.encode(images.flip(2))], dim=1)  # (M, 2, h, w[, D])
+        meta = dict(tokenizer=tokenizer, image_size=image_size, grid_size=16, num_classes=len(SHAPE_CLASSES),
+                    classes=SHAPE_CLASSES, **token_meta(tok))
+        return cache_array(tokens), labels.numpy(), meta
     if not os.path.isdir(data):
         raise SystemExit(f"error: --data {data}: no such directory; use --data shapes (built-in) or make a cache "
                          f"with `python tokenizers.py cache --data IMAGEFOLDER --out {data}`")
+    meta_path = os.path.join(data, 'meta.json')
     if not os.path.isfile(meta_path):
         raise SystemExit(f"error: --data {data}: no meta.json there; make a cache with "
                          f"`python tokenizers.py cache --data IMAGEFOLDER --out {data}` or use --data shapes")
     with open(meta_path) as f:
         meta = json.load(f)
-    tokens = np.load(os.path.join(data, 'tokens.npy'), mmap_mode='r')
-    labels = np.load(os.path.join(data, 'labels.npy'))
-    return tokens, labels, meta
+    tokens = TokenCache(data, meta['num_shards'])
+    return tokens, tokens.labels, meta
 
 
-if __name__ == '__main__':
+def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('cache', help='tokenize an ImageFolder into a cache directory')
     p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS))
+    p.add_argument('--ckpt', default=None, help='released weights of vq (vq_ds16_c2i.pt) or vae (kl16.ckpt)')
     p.add_argument('--data', required=True, help='ImageFolder root: DIR/<class>/<image>')
-    p.add_argument('--image_size', type=int, default=16, help='centre crop size; pixel tokens: grid = image size')
+    p.add_argument('--image_size', type=int, default=16, help='centre crop size (the paper: 256); grid = size / 16 '
+                                                               'for vq and vae, / 2 for pixel_patch, = size for pixel')
     p.add_argument('--out', required=True, help='cache directory to write')
-    args = parser.parse_args()
-    cache(args)
+    p.add_argument('--batch_size', type=int, default=64, help='images per encoder call (each with its mirror)')
+    p.add_argument('--shard_size', type=int, default=10000, help='images per shard file')
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
+    return parser
+
+
+if __name__ == '__main__':
+    cache(get_parser().parse_args())

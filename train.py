@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
 from sample import generate, save_grid
-from tokenizers import TOKENIZERS, load_dataset
+from tokenizers import TOKENIZERS, load_dataset, make_tokenizer, token_meta
 
 
 def print0(*a, **kw):
@@ -55,13 +55,16 @@ def epoch_permutation(num_images, seed, epoch):
 
 def get_batch(tokens, labels, step, args, rank, world_size):
     """Batch `step` of a per-epoch permutation (seeded by seed and epoch, so a resumed run reads the same
-    batches), sharded across ranks. Returns idx (B, N) int64 tokens in raster order and labels (B,)."""
+    batches), sharded across ranks. Returns what the cache keeps of each image and of its mirror,
+    (B, 2, H*W) ids or (B, 2, H*W, D) vectors, and the labels (B,)."""
     per_rank = len(labels) // world_size
     steps_per_epoch = per_rank // args.batch_size
     epoch, i = divmod(step, steps_per_epoch)
     perm = epoch_permutation(len(labels), args.seed, epoch)
     rows = np.sort(perm[rank * per_rank:(rank + 1) * per_rank][i * args.batch_size:(i + 1) * args.batch_size])
-    idx = torch.from_numpy(tokens[rows].astype(np.int64)).flatten(1)  # (B, H*W)
+    x = np.asarray(tokens[rows])  # (B, 2, H, W) ids or (B, 2, H, W, D) vectors
+    x = x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32)
+    idx = torch.from_numpy(x).flatten(2, 3)  # (B, 2, N) or (B, 2, N, D)
     return idx, torch.from_numpy(labels[rows].astype(np.int64))
 
 
@@ -100,7 +103,7 @@ def check_args(args, meta, world_size):
 def dry_run(model, args, world_size):
     """Print the resolved configuration, the parameters of each part and the training FLOPs per image."""
     print0('configuration: ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
-    parts = {'backbone': model.transformer, 'head': model.head, 'classifier': model.classifier}
+    parts = {'backbone': model.transformer, 'head': model.head, 'token head': model.token_head}
     for name, part in parts.items():
         print0(f"parameters {name:<10} {0 if part is None else sum(p.numel() for p in part.parameters()):>14,}")
     print0(f"parameters {'total':<10} {sum(p.numel() for p in model.parameters()):>14,}")
@@ -127,7 +130,11 @@ def main(args):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
 
     # --- data ---
-    tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
+    if args.dry_run and args.data == 'shapes' and args.tokenizer in ('vq', 'vae'):  # the paper's data, unread
+        tokens, labels = None, np.zeros(1281167)  # ImageNet-1k train
+        meta = dict(tokenizer=args.tokenizer, grid_size=16, num_classes=1000, **token_meta(TOKENIZERS[args.tokenizer]))
+    else:
+        tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
     meta['num_images'] = len(labels)
     N = meta['grid_size'] ** 2
     args.window = args.window or N  # the global head's window is the whole grid
@@ -137,15 +144,19 @@ def main(args):
         args.max_steps = round(args.epochs * steps_per_epoch)
     if args.warmup_epochs is not None:
         args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    kind = f"vocabulary {meta['vocab_size']}" if meta.get('vocab_size') else f"{meta['token_dim']}-d continuous"
     print0(f"data: {args.data}, {len(labels)} images, {meta['grid_size']}x{meta['grid_size']} tokens, "
-           f"vocabulary {meta['vocab_size']}, {meta['num_classes']} classes")
+           f"{kind}, {meta['num_classes']} classes")
 
     # --- model, EMA, optimizer ---
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth else {}))
-    config = dict(vocab_size=meta['vocab_size'], num_classes=meta['num_classes'], grid_size=meta['grid_size'],
-                  head=args.head, head_depth=args.head_depth, window=args.window if args.head == 'local' else None,
-                  **size)
+    config = dict(vocab_size=meta.get('vocab_size', 0), token_dim=meta.get('token_dim', 0),
+                  clip_denoised=meta.get('clip_denoised', False),
+                  num_classes=meta['num_classes'], grid_size=meta['grid_size'], head=args.head,
+                  head_depth=args.head_depth, window=args.window if args.head == 'local' else None, **size)
+    if not config['token_dim']:  # discrete tokens: no diffusion MLP
+        config.update(diffusion_width=None, diffusion_depth=None)
     model = Heptapod(**config).to(device)
     if args.dry_run:
         dry_run(model, args, world_size)
@@ -215,8 +226,10 @@ def main(args):
         if step == args.max_steps:
             break
 
-        idx, y = get_batch(tokens, labels, step, args, rank, world_size)
-        idx, y = idx.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        cached, y = get_batch(tokens, labels, step, args, rank, world_size)
+        cached, y = cached.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        flip = torch.randint(2, (len(y),), generator=gen, device=device)  # the image or its mirror, as MAR
+        idx = TOKENIZERS[args.tokenizer].from_cache(cached[torch.arange(len(y), device=device), flip], gen)
         if args.class_dropout > 0:  # train the 'no class' token for CFG (Fig. 1 comparison; off in the paper)
             drop = torch.rand(len(y), generator=gen, device=gen.device) < args.class_dropout
             y = torch.where(drop, raw_model.num_classes, y)
@@ -226,7 +239,7 @@ def main(args):
         for group in optimizer.param_groups:
             group['lr'] = lr
         with autocast:
-            loss = model(idx, y, orders, prefix_lens)
+            loss = model(idx, y, orders, prefix_lens, gen)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -245,14 +258,17 @@ def main(args):
             t0, last_log = time.time(), step
 
     # --- a grid of samples from the EMA weights, one column per class ---
-    if master and args.num_samples > 0:
+    if master and args.num_samples > 0 and meta.get('ckpt') and not os.path.isfile(meta['ckpt']):
+        print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
+    elif master and args.num_samples > 0:
         g = torch.Generator(device).manual_seed(args.seed)
         num_classes = meta['num_classes']
         y = torch.arange(args.num_samples, device=device) % num_classes
         t_s = time.time()
         out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
         dt = time.time() - t_s
-        images = TOKENIZERS[meta['tokenizer']]().decode(out.view(-1, meta['grid_size'], meta['grid_size']))
+        tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
+        images = tokenizer.decode(out.view(-1, meta['grid_size'], meta['grid_size'], *out.shape[2:]))
         save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
         print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
                f"wrote {args.out_dir}/samples.png and {ckpt_path}")
