@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, Transformer, init_weights
+from model import Block, Transformer, init_weights, run_block
 
 
 class GlobalHead(nn.Module):
@@ -50,7 +50,7 @@ class GlobalHead(nn.Module):
         x = torch.where(seen[..., None], grid_h.repeat_interleave(n, 0), self.mask_token) + self.pos_emb
         x = torch.cat([h[:, :1].repeat_interleave(n, 0), x], dim=1)  # (B*n, 1+N, C) class state first
         for block in self.blocks:
-            x = block(x, is_causal=False)
+            x = run_block(block, x, False)  # bidirectional
         positions = torch.arange(N, device=h.device).expand(B * n, N)
         return self.ln_f(x[:, 1:]), positions, seen
 
@@ -111,7 +111,7 @@ class LocalHead(nn.Module):
         x = (self.query + self.pos_emb[0, positions]).view(B, n * w, C)  # (B, n*w, C) all prefixes of a sample
         for ln, cross, block in zip(self.ln_cross, self.cross, self.blocks):
             x = x + cross(ln(x), memory, mask)  # the n*w queries of a sample share one memory projection
-            x = block(x.view(B * n, w, C)).view(B, n * w, C)  # bidirectional inside each chunk only
+            x = run_block(block, x.view(B * n, w, C), False).view(B, n * w, C)  # bidirectional, chunk by chunk
         return self.ln_f(x).view(B * n, w, C), positions.view(B * n, w), seen.view(B * n, w)
 
 
@@ -194,7 +194,7 @@ class DiffusionMLP(nn.Module):
         y = self.time_embed(timestep_embedding(t)) + self.cond_embed(z)  # (M, W) the condition
         x = self.input_proj(x)
         for block in self.blocks:
-            x = block(x, y)
+            x = run_block(block, x, y)
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
         return self.final(self.final_norm(x) * (1 + scale) + shift)  # (M, 2D)
 
@@ -360,10 +360,13 @@ class Heptapod(nn.Module):
         else:
             self.token_head = LinearClassifier(n_embd, vocab_size)
 
-    def forward(self, idx, labels, orders, prefix_lens, generator=None):
+    def forward(self, idx, labels, orders, prefix_lens, generator=None, patch_size=1):
         """idx: (B, N) token ids or (B, N, D) vectors in raster order; labels: (B,); orders: (B, N) the
         generation order of each sample; prefix_lens: (B, n) the steps to supervise (2D heads);
-        generator: the diffusion's noise (continuous tokens). Returns the mean loss of the scored tokens."""
+        generator: the diffusion's noise (continuous tokens); patch_size > 1: next-patch prediction (NPP).
+        Returns the mean loss of the scored tokens."""
+        if patch_size > 1:
+            return self.npp_loss(idx, labels, patch_size)
         seq = take(idx, orders)  # tokens in generation order
         if self.head is None:  # 1D: h_t predicts the token at the next position orders[:, t]
             h = self.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # (B, N, C)
@@ -373,6 +376,21 @@ class Heptapod(nn.Module):
             z, positions, seen = self.head(h, orders, prefix_lens)  # (B*n, P, C), (B*n, P), (B*n, P)
             targets, scored = take(idx.repeat_interleave(prefix_lens.size(1), 0), positions), ~seen
         return self.token_head.loss(z, targets, scored, generator)
+    def npp_loss(self, idx, labels, p):
+        """Next-patch prediction (NPP Sec. 3.2), for the 1D raster model: each p x p patch is one input, the
+        mean of its token embeddings (Eq. 2), at the position of its patch-grid coordinates (NPP keeps the
+        patch's (h, w) for RoPE); each step predicts one distribution, scored against all p^2 codes of the
+        next patch (Eq. 3). The sequence is N / p^2 long."""
+        B, G, C = len(idx), self.grid_size, self.config['n_embd']
+        g = G // p
+        emb = self.transformer.tok_emb(idx).view(B, g, p, g, p, C).mean(dim=(2, 4)).flatten(1, 2)  # (B, g*g, C)
+        pos = (torch.arange(g, device=idx.device)[:, None] * G + torch.arange(g, device=idx.device)).flatten()
+        x = torch.cat([self.transformer.cls_emb(labels)[:, None], emb[:, :-1] + self.transformer.pos_emb(pos[:-1])], 1)
+        h = self.transformer.run(x, pos.expand(B, -1), is_causal=True)  # (B, g*g, C), told the next patch
+        codes = idx.view(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, g * g, p * p)  # each patch's codes
+        logp = self.token_head.linear(h).float().log_softmax(dim=-1)  # (B, g*g, V)
+        return -logp.gather(-1, codes).mean()  # Eq. 3: the mean over all N codes
+
     def flops_per_image(self, density):
         """Training FLOPs per image (forward + backward = 3 x forward), by part. A matmul of m x k by k x n
         counts 2mkn. Per layer of width C over T tokens: 24 T C^2 for the linears (qkv 3C^2, proj C^2,

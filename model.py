@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # Table 3 of the paper (FFN dim = 4 x width), with the diffusion MLP of continuous tokens sized as the
 # paper's appendix A (from MAR): {6, 8, 12} blocks of width {1024, 1280, 1536}. tiny and small are ours, for CPUs.
@@ -93,6 +94,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def run_block(block, *args):
+    """block(*args), recomputing its activations during backward when block.grad_checkpointing is set
+    (train.py --grad_checkpointing: memory for compute, e.g. H with dense supervision)."""
+    if block.training and getattr(block, 'grad_checkpointing', False):
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def init_weights(module, n_layer):
     """GPT-2 initialisation (as nanoGPT): N(0, 0.02) for linears and embeddings, zero biases,
     and residual projections scaled by 1/sqrt(2 n_layer)."""
@@ -134,16 +143,16 @@ class Transformer(nn.Module):
         if self.target_pos_emb is not None:
             x = x + self.target_pos_emb(target_pos)  # the position each input must predict (RAR Eq. 4)
         for block in self.blocks:
-            x = block(x, is_causal, input_pos)
+            x = run_block(block, x, is_causal, input_pos)
         return self.ln_f(x)
 
     # --- incremental decoding with a KV cache (sample.py) ---
 
-    def setup_cache(self, batch_size, max_len):
+    def setup_cache(self, batch_size, max_len, dtype=None):
         p = self.ln_f.weight
         for block in self.blocks:
             block.attn.cache = KVCache(batch_size, block.attn.n_head, max_len, p.size(0) // block.attn.n_head,
-                                       p.dtype, p.device)
+                                       dtype or p.dtype, p.device)
 
     def clear_cache(self):
         for block in self.blocks:
@@ -160,9 +169,15 @@ class Transformer(nn.Module):
         return self.run(self.tok_emb(idx) + self.pos_emb(pos), target_pos, input_pos=input_pos)
 
 
-def make_orders(batch_size, N, order, generator):
-    """The generation order of each sample, (B, N) grid positions: raster, or uniformly random
-    (Heptapod's 2D-random and the 1D-random baseline). All randomness comes from `generator`."""
+def make_orders(batch_size, N, order, generator, rar_prob=1.0):
+    """The generation order of each sample, (B, N) grid positions: raster, uniformly random (Heptapod's
+    2D-random and the 1D-random baseline), or 'rar': random with probability rar_prob, raster otherwise,
+    per sample (RAR Sec. 3.2). All randomness comes from `generator`."""
+    raster = torch.arange(N, device=generator.device).expand(batch_size, N)
     if order == 'raster':
-        return torch.arange(N, device=generator.device).expand(batch_size, N)
-    return torch.rand(batch_size, N, generator=generator, device=generator.device).argsort(dim=1)
+        return raster
+    permuted = torch.rand(batch_size, N, generator=generator, device=generator.device).argsort(dim=1)
+    if order == 'rar':
+        coin = torch.rand(batch_size, 1, generator=generator, device=generator.device) < rar_prob
+        return torch.where(coin, permuted, raster)
+    return permuted

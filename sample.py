@@ -1,76 +1,154 @@
 """
 Sample images from a trained Heptapod: the (position, token) loop of Sec. 4.2.
 
-At each step the head predicts the tokens at all positions not yet generated, one position is chosen
-uniformly at random among them, its token is sampled, and the pair is fed back to the causal
-Transformer through its KV cache, until the grid is full. No classifier-free guidance.
+At each step the head predicts the tokens at the positions not yet generated, a position is chosen
+(uniformly at random among them, as the paper), its token is sampled, and the pair is fed back to the
+causal Transformer through its KV cache, until the grid is full. No classifier-free guidance by default.
 
     python sample.py --ckpt out/ckpt.pt --num_images 100 --out samples.npz
+    torchrun --nproc_per_node=8 sample.py --ckpt CKPT --num_images 50000 --out DIR   # the paper's protocol
+    python sample.py --ckpt out/ckpt.pt --num_steps 64          # parallel decoding: 64 steps, not 256
+    python sample.py --ckpt out/ckpt.pt --prefix_image IMG --keep_mask MASK   # zero-shot in/outpainting
+    python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs per image, MFU
 
-writes samples.npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout)
-and samples.png, a grid of the first images.
+writes the .npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout), a .png
+grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again.
 """
 import argparse
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from heads import Heptapod, take
 from model import make_orders
-from tokenizers import make_tokenizer
+from tokenizers import center_crop_arr, make_tokenizer
+
+# dense bf16 peak of one GPU in TFLOP/s, from the vendors' data sheets; the first name found in the device's wins
+PEAK_TFLOPS = {'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312}
+
+
+def peak_flops(device, default_tflops=None):
+    """Peak bf16 FLOP/s of the device for MFU, or None when unknown (CPUs)."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else ''
+    tflops = next((t for n, t in PEAK_TFLOPS.items() if n in name), default_tflops)
+    return tflops and tflops * 1e12
+
+
+def step_schedule(n, num_steps):
+    """Tokens placed at each of num_steps steps, summing to n: MAR's cosine schedule, which leaves
+    floor(n cos(pi/2 (s+1)/S)) tokens after step s, with at least one token per step."""
+    if not 1 <= num_steps <= n:
+        raise SystemExit(f"error: --num_steps {num_steps} must be in [1, {n}] (the positions to generate)")
+    sizes, left = [], n
+    for s in range(num_steps):
+        after = math.floor(n * math.cos(math.pi / 2 * (s + 1) / num_steps))
+        after = max(num_steps - s - 1, min(left - 1, after))  # >= 1 token now and for every later step
+        sizes.append(left - after)
+        left = after
+    return sizes
+
+
+def start_orders(B, N, order, position_order, keep, generator):
+    """(B, N) the positions in generation order: the kept positions first (in random order), then the others
+    in the chosen order (random: uniformly random, the paper; raster; confidence: filled in as generated)."""
+    if order in ('raster', 'rar') or position_order == 'raster':
+        orders = make_orders(B, N, 'raster', generator)
+        if keep is not None and not torch.equal(keep, (orders < keep.sum(1, keepdim=True)).expand_as(keep)):
+            raise SystemExit("error: this model reads tokens in raster order, so it can only continue a raster "
+                             "prefix: --keep_mask must keep the first rows (and columns) of the grid")
+        return orders
+    orders = make_orders(B, N, 'random', generator)
+    if keep is not None:  # kept positions first, each group in the random order drawn above
+        orders = orders.gather(1, (~keep).gather(1, orders).long().argsort(dim=1, stable=True))
+    return orders
 
 
 @torch.no_grad()
-def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, use_cache=True):
-    """Tokens (B, N) in raster order for class labels (B,). `order` is the training order: 'random' draws
-    each next position uniformly among those not yet generated, 'raster' goes row by row.
-    cfg > 1 guides with a 'no class' copy (classifier-free guidance, off by default): logit mixing for
-    discrete tokens, the noise prediction with MAR's linear schedule for continuous ones.
-    use_cache=False recomputes the causal Transformer over the whole prefix at every step (reference)."""
+def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
+             position_order=None, prefix=None, use_cache=True):
+    """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order
+    (1D models and raster-trained models must sample in it); position_order None follows it, random being the
+    paper's, and 'confidence' fills the most likely positions first. num_steps < N places several tokens per step
+    (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1 guides with a
+    'no class' copy (off by default): logit mixing for discrete tokens, the noise prediction with MAR's linear
+    schedule for continuous ones. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and
+    returned unchanged (zero-shot inpainting / outpainting). use_cache=False recomputes the causal
+    Transformer over the whole prefix at every step (the reference path)."""
     B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']
+    dev = labels.device
     one_d = model.head is None  # the 1D baselines predict the single next token (Table 1)
-    # Picking a uniformly random position among those left at every step draws a uniformly random
-    # permutation, so we draw it up front; the 1D models are told it as their target positions.
-    orders = make_orders(B, N, order, generator)  # (B, N) the position generated at each step
+    keep = None if prefix is None else prefix[1].to(dev)
+    K = 0 if keep is None else int(keep.sum(1)[0])
+    sizes = step_schedule(N - K, num_steps or N - K)
+    position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
+    if (one_d or not hasattr(model.head, 'mask_token')) and max(sizes) > 1:
+        raise SystemExit("error: the 1D and local-head models predict one next position: use --num_steps N")
+    if position_order == 'confidence' and (one_d or D or not hasattr(model.head, 'mask_token')):
+        raise SystemExit("error: --position_order confidence needs the global head and discrete tokens")
+    if one_d and position_order != ('raster' if order in ('raster', 'rar') else 'random'):
+        raise SystemExit(f"error: a 1D model samples in its training order ({order})")
+    if keep is not None and keep.sum(1).ne(K).any():
+        raise SystemExit("error: every image must keep the same number of tokens")
+    orders = start_orders(B, N, order, position_order, keep, generator)
     if cfg != 1.0:  # the unconditional copies read the same positions and receive the same tokens
         labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
-    target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)
-    rows = torch.arange(len(labels), device=labels.device)
-    tokens = torch.zeros(len(labels), N, *([D] if D else []), dtype=torch.float if D else torch.long,
-                         device=labels.device)  # (B, N) ids or (B, N, D) vectors, raster layout
-    h_steps = torch.zeros(len(labels), N, C, device=labels.device)  # (B, N, C) h_steps[:, t] has seen t tokens
+    M = len(labels)
+    target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)  # the 1D models' next positions
+    rows = torch.arange(M, device=dev)
+    tokens = torch.zeros(M, N, *([D] if D else []), dtype=torch.float if D else torch.long, device=dev)
+    if keep is not None:
+        tokens[:] = prefix[0].to(tokens).repeat(M // B, *([1] * (tokens.dim() - 1)))
+    h_steps = torch.zeros(M, N, C, device=dev)  # h_steps[:, t] has seen t tokens
     t_model = model.transformer
+
+    def feed(t0, t1):  # the tokens of steps t0..t1-1 into the causal Transformer -> their states (M, t1-t0, C)
+        if use_cache:
+            step_idx = torch.arange(t0 + 1, t1 + 1, device=dev)  # sequence indices: the class is 0
+            return t_model.decode(take(tokens, orders[:, t0:t1]), orders[:, t0:t1], step_idx, target(t0 + 1, t1 + 1))
+        return t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[:, t0 + 1:]
+
     try:
         if use_cache:
-            t_model.setup_cache(len(labels), N)  # the class and N-1 tokens; the last token is never fed back
-            h = t_model.prefill(labels, target(0, 1))  # (B, 1, C)
+            t_model.setup_cache(M, N, h_steps.dtype if dev.type == 'cpu' else torch.bfloat16)
+            h_steps[:, :1] = t_model.prefill(labels, target(0, 1))
         else:
-            h = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
-        for t in range(N):
-            h_steps[:, t] = h[:, -1]
-            pos = orders[:, t]  # (B,)
+            h_steps[:, :1] = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
+        if K:  # the kept tokens, in one causal block
+            h_steps[:, 1:K + 1] = feed(0, K)
+        t = K
+        for s, k in enumerate(sizes):
             if one_d:
-                z = h_steps[:, t]
-            else:  # the head predicts the positions left (global: all, local: the chunk of pos); read pos
-                z, positions, _ = model.head(h_steps, orders, torch.full((len(labels), 1), t, device=pos.device))
-                z = z[rows, (positions == pos[:, None]).int().argmax(1)]  # (B, C)
-            # MAR's linear CFG schedule for the diffusion head: 1 at the first token, cfg at the last
-            step_cfg = 1 + (cfg - 1) * (t + 1) / N if D else cfg
-            tok = model.token_head.sample(z, generator, temperature, step_cfg, top_k)  # (B,) or (B, D)
+                z = h_steps[:, t:t + 1]  # (M, 1, C): h_t predicts the token at orders[:, t]
+            else:  # the head predicts the positions left (global: all of them, local: the chunk of the next)
+                z, positions, seen = model.head(h_steps, orders, torch.full((M, 1), t, device=dev))
+                if position_order == 'confidence':  # the k positions whose best token is most likely
+                    logits = model.token_head.linear(z).float()  # (M, N, V)
+                    if cfg != 1.0:
+                        cond, uncond = logits.chunk(2)
+                        logits = uncond + cfg * (cond - uncond)
+                    conf = logits.log_softmax(-1).amax(-1).masked_fill(seen[:B], -math.inf)  # (B, N)
+                    chosen = conf.topk(k, dim=1).indices.repeat(M // B, 1)  # (M, k)
+                    rest = orders[:, t:]  # the positions left, the chosen ones moved to the front
+                    first = (rest[:, :, None] == chosen[:, None, :]).any(-1)
+                    orders[:, t:] = rest.gather(1, (~first).long().argsort(dim=1, stable=True))
+                slot = (positions[:, :, None] == orders[:, None, t:t + k]).int().argmax(1)  # (M, k) where in z
+                z = z.gather(1, slot[..., None].expand(M, k, C))  # (M, k, C)
+            # MAR's linear CFG schedule for the diffusion head: from 1 towards cfg as the image fills up
+            step_cfg = 1 + (cfg - 1) * (t + k) / N if D else cfg
+            tok = model.token_head.sample(z.flatten(0, 1), generator, temperature, step_cfg, top_k)  # (B*k[, D])
+            tok = tok.view(B, k, *tok.shape[1:])  # (B, k[, D]), the guided rows only with CFG
             if cfg != 1.0:
                 tok = tok.repeat(2, *([1] * (tok.dim() - 1)))
-            tokens[rows, pos] = tok
-            if t == N - 1:
-                break
-            if use_cache:  # feed the (position, token) pair back as step t+1
-                step = torch.full((1,), t + 1, device=labels.device)
-                h = t_model.decode(tok[:, None], pos[:, None], step, target(t + 1, t + 2))  # (B, 1, C)
-            else:
-                h = t_model(take(tokens, orders[:, :t + 1]), labels, orders[:, :t + 1], target(0, t + 2))
+            tokens[rows[:, None], orders[:, t:t + k]] = tok
+            if t + k < N:
+                h_steps[:, t + 1:t + k + 1] = feed(t, t + k)
+            t += k
     finally:
         t_model.clear_cache()
     return tokens[:B]
@@ -102,45 +180,150 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
+def load_prefix(args, meta, tokenizer, grid_size, device):
+    """(tokens (1, N[, D]), keep (1, N) bool) from --prefix_image and --keep_mask (white: keep)."""
+    for path in (args.prefix_image, args.keep_mask):
+        if path is None or not os.path.isfile(path):
+            raise SystemExit(f"error: --prefix_image and --keep_mask need two image files (got {path})")
+    with Image.open(args.prefix_image) as im:
+        image = torch.from_numpy(center_crop_arr(im.convert('RGB'), meta['image_size']))[None]  # (1, H, W, 3)
+    tokens = tokenizer.from_cache(tokenizer.encode(image), torch.Generator(device).manual_seed(args.seed))
+    with Image.open(args.keep_mask) as im:
+        mask = np.array(im.convert('L').resize((grid_size, grid_size), Image.NEAREST)) > 127  # (h, w)
+    return tokens.flatten(1, 2).to(device), torch.from_numpy(mask).flatten()[None].to(device)
+
+
+def sampling_flops(model, num_steps, diffusion_steps, cfg):
+    """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the
+    head once per step over the whole grid (global) or the next chunk (local), the token head once per
+    token (the diffusion MLP: diffusion_steps times); doubled with CFG."""
+    C, L, N = model.config['n_embd'], model.config['n_layer'], model.grid_size ** 2
+    flops = L * (24 * N * C ** 2 + 2 * N * N * C)  # as in training, forward only
+    if model.head is not None:  # the training FLOPs of one prefix, forward only, per step
+        flops += num_steps * model.flops_per_image(1)['head'] / 3
+    linear = sum(m.weight.numel() for m in model.token_head.modules() if isinstance(m, torch.nn.Linear))
+    flops += N * 2 * linear * (diffusion_steps if model.config['token_dim'] else 1)
+    return flops * (2 if cfg != 1.0 else 1)
+
+
 def main(args):
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    ddp = 'RANK' in os.environ
+    if ddp:
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+        if device.startswith('cuda'):
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size = 0, 1
+        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
     ckpt = load_checkpoint(args.ckpt, device)
     model = Heptapod(**ckpt['config']).to(device).eval()
     model.load_state_dict(ckpt['ema' if args.ema else 'model'])
+    if model.config['token_dim']:
+        model.token_head.sample_diffusion = type(model.token_head.sample_diffusion)(args.diffusion_steps)
+    if args.compile:  # the per-step work: the head over the grid and the cached decoding step
+        model.head = torch.compile(model.head) if model.head is not None else None
+        model.transformer.decode = torch.compile(model.transformer.decode)
     meta, order = ckpt['data_meta'], ckpt['args']['order']
     tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device)
-    g = torch.Generator(device).manual_seed(args.seed)
-    labels = torch.arange(args.num_images, device=device) % meta['num_classes']  # balanced classes
+    prefix = load_prefix(args, meta, tokenizer, model.grid_size, device) if args.prefix_image or args.keep_mask \
+        else None
+    N = model.grid_size ** 2
+
+    def sample_batch(k, labels):  # batch k, with its own seed: the same images on any number of GPUs
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
+        p = None if prefix is None else (prefix[0].expand(len(labels), *prefix[0].shape[1:]),
+                                         prefix[1].expand(len(labels), -1))
+        with autocast:
+            tokens = generate(model, labels, order, g, args.temperature, args.top_k, args.cfg,
+                              args.num_steps, args.position_order, p)
+        return tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size, *tokens.shape[2:])).cpu().numpy()
+
+    if args.bench:  # one batch to warm up, one timed
+        labels = torch.arange(args.batch_size, device=device) % meta['num_classes']
+        sample_batch(0, labels)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        t0 = time.time()
+        sample_batch(1, labels)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        ips = args.batch_size / (time.time() - t0)
+        flops = sampling_flops(model, len(step_schedule(N, args.num_steps or N)), args.diffusion_steps, args.cfg)
+        peak = peak_flops(device, args.peak_tflops)
+        print(f"bench: {ips:.2f} images/s at batch {args.batch_size}, {args.num_steps or N} steps; "
+              f"{flops / 1e9:.1f} GFLOP per image; MFU {'-' if peak is None else f'{100 * flops * ips / peak:.1f}%'}")
+        return
+
+    # labels: balanced (num_images / classes of each, as MAR's 50 per class) or random; one seed for all ranks
+    if args.labels == 'balanced':
+        labels = torch.arange(args.num_images) % meta['num_classes']
+    else:
+        labels = torch.randint(meta['num_classes'], (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
     if args.class_label is not None:
         labels.fill_(args.class_label)
-    images, t0 = [], time.time()
-    for i in range(0, args.num_images, args.batch_size):
-        tokens = generate(model, labels[i:i + args.batch_size], order, g, args.temperature, args.top_k, args.cfg)
-        images.append(tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size, *tokens.shape[2:])).cpu())
-        done = i + len(tokens)
-        print(f"sampled {done}/{args.num_images} images, {done / (time.time() - t0):.2f} images/s")
-    images = torch.cat(images).numpy()  # (num_images, H, W, 3) uint8
-    np.savez(args.out, arr_0=images, arr_1=labels.cpu().numpy())
-    png = os.path.splitext(args.out)[0] + '.png'
-    save_grid(images[:100], png, ncol=meta['num_classes'] if meta['num_classes'] <= 20 else 10)
-    print(f"wrote {args.out} and {png}")
+    root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
+    npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
+    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    batches = range(math.ceil(args.num_images / args.batch_size))
+    t0, done = time.time(), 0
+    for k in batches[rank::world_size]:
+        part = os.path.join(root, f'batch_{k:05d}.npz')
+        if os.path.exists(part):
+            continue  # finished by an earlier run
+        y = labels[k * args.batch_size:(k + 1) * args.batch_size]
+        images = sample_batch(k, y.to(device))
+        for i, im in enumerate(images):
+            Image.fromarray(im).save(os.path.join(root, 'images', f'{k * args.batch_size + i:06d}.png'))
+        with open(part + '.tmp', 'wb') as f:  # written whole or not at all
+            np.savez(f, images=images, labels=y.numpy())
+        os.replace(part + '.tmp', part)
+        done += len(images)
+        print(f"rank {rank}: sampled {done} images, {done / (time.time() - t0):.2f} images/s", flush=True)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        parts = [np.load(os.path.join(root, f'batch_{k:05d}.npz')) for k in batches]
+        images = np.concatenate([p['images'] for p in parts])  # (num_images, H, W, 3) uint8
+        np.savez(npz, arr_0=images, arr_1=np.concatenate([p['labels'] for p in parts]))
+        png = os.path.splitext(npz)[0] + '.png'
+        save_grid(images[:100], png, ncol=meta['num_classes'] if meta['num_classes'] <= 20 else 10)
+        print(f"wrote {npz}, {png} and {len(images)} images in {root}/images")
+    if ddp:
+        dist.destroy_process_group()
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
-    parser.add_argument('--num_images', type=int, default=100)
-    parser.add_argument('--out', default='samples.npz', help='.npz to write; a .png grid is written beside it')
-    parser.add_argument('--batch_size', type=int, default=100)
+    parser.add_argument('--num_images', type=int, default=100, help='the paper: 50000')
+    parser.add_argument('--out', default='samples.npz', help='the .npz to write, or a directory for samples.npz')
+    parser.add_argument('--batch_size', type=int, default=100, help='images per batch and process')
+    parser.add_argument('--labels', default='balanced', choices=['balanced', 'random'],
+                        help='balanced: equally many of each class (MAR: 50 per class); random: uniform')
+    parser.add_argument('--class_label', type=int, default=None, help='one class for all images')
+    # sampling
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
     parser.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale; 1 = off (the paper)')
-    parser.add_argument('--class_label', type=int, default=None, help='one class for all images (default: balanced)')
+    parser.add_argument('--num_steps', type=int, default=None, help='decoding steps (default: one per token)')
+    parser.add_argument('--position_order', default=None, choices=['random', 'raster', 'confidence'],
+                        help="which positions each step fills (default: the training order; random is the paper's)")
+    parser.add_argument('--diffusion_steps', type=int, default=100, help='respaced diffusion steps (MAR: 100)')
+    parser.add_argument('--prefix_image', default=None, help='an image whose kept tokens are the prefix')
+    parser.add_argument('--keep_mask', default=None, help='an image, white where --prefix_image is kept')
     parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
-    parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--tokenizer_ckpt', default=None,
                         help='vq/vae weights to decode with (default: the file the cache was made with)')
+    # system
+    parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                        help='torch.compile the head and the decoding step')
+    parser.add_argument('--bench', action='store_true', help='time one batch after a warm-up one, then exit')
+    parser.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU on other devices')
     return parser
 
 

@@ -3,6 +3,7 @@ Tests for heptapod: python -m pytest -q
 Tiny configs on the CPU with fixed seeds; each test checks one property.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -255,11 +256,11 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
 
 def test_data_shards_of_ranks_are_disjoint_and_cover_the_epoch():
     tokens, labels, _ = tokenizers.load_dataset('shapes', num_images=40)
-    args = train.get_parser().parse_args(['--batch_size', '5'])
+    args = train.get_parser().parse_args(['--batch_size', '5', '--global_batch_size', '10'])
     seen = []
     for rank in range(2):
-        for step in range(4):  # 40 images / 2 ranks / 5 per batch = 4 steps per epoch
-            idx, y = train.get_batch(tokens, labels, step, args, rank, 2)
+        for step in range(4):  # 40 images / 10 per global batch = 4 steps per epoch
+            idx, y = train.get_batch(tokens, labels, step, args, rank, 1)
             assert idx.shape == (5, 2, 256)  # each image and its mirror
             seen += [tuple(row[0].tolist()) for row in idx]
     assert len(set(seen)) == len({tuple(t[0].flatten().tolist()) for t in torch.from_numpy(tokens.astype(np.int64))})
@@ -270,7 +271,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypa
     before = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     real_forward = Heptapod.forward
     monkeypatch.setattr(Heptapod, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
-    with pytest.raises(SystemExit, match='loss is nan'):
+    with pytest.raises(SystemExit, match='loss nan'):
         run_train(tmp_path, '--max_steps', '4', '--resume')
     after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert after['step'] == before['step'] == 2
@@ -439,6 +440,10 @@ def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
     ('--head global --window 16', 'use --head local'),
     ('--head linear --density 4', 'scores every step already'),
     ('--class_dropout 1.5', 'must be in [0, 1)'),
+    ('--order rar --head global', 'use it with --head linear'),
+    ('--npp_levels 2 --head linear --order random', 'use --head linear --order raster'),
+    ('--npp_levels 6 --head linear --order raster', 'do not tile'),
+    ('--global_batch_size 24 --batch_size 16', 'not a multiple of --batch_size'),
 ])
 def test_invalid_flag_combinations_fail_at_start_up_in_one_line(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)) as e:
@@ -853,3 +858,271 @@ def test_vae_latents_are_sampled_afresh_from_the_cached_moments():
     b = tokenizers.VAETokenizer.from_cache(moments, torch.Generator().manual_seed(1))
     assert a.shape == (2, 3, 3, 16) and not torch.equal(a, b)
     assert abs(a.std().item() / 0.2325 - 1) < 0.2  # scaled by MAR's 0.2325
+
+
+# -----------------------------------------------------------------------------
+# training at scale: DDP, accumulation, checkpoints, logs, bench
+
+def ddp_worker(rank, world_size, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(train.get_parser().parse_args(argv))
+
+
+def test_two_process_gloo_run_reaches_the_parameters_of_one_process_with_the_same_global_batch(tmp_path):
+    import socket
+    flags = ['--batch_size', '2', '--global_batch_size', '4', '--max_steps', '3']
+    one = run_train(tmp_path / 'one', *flags)  # 1 process: 2 accumulation steps of 2 images
+    with socket.socket() as s:  # a free port on this machine for the gloo rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    argv = ['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--num_samples', '0', '--log_interval', '1',
+            '--out_dir', str(tmp_path / 'two'), *flags]
+    torch.multiprocessing.spawn(ddp_worker, args=(2, port, argv), nprocs=2)  # 2 processes of 2 images
+    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
+    assert two['step'] == one['step'] == 3
+    for name, p in one['model'].items():
+        torch.testing.assert_close(two['model'][name], p, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    run_train(tmp_path, '--max_steps', '2')
+
+    def killed_while_writing(obj, path):
+        with open(path, 'wb') as f:
+            f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, '--max_steps', '4', '--resume')
+    monkeypatch.undo()
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+
+
+def test_only_the_last_k_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tmp_path):
+    run_train(tmp_path, '--max_steps', '4', '--ckpt_interval', '1', '--keep_last', '2')
+    assert sorted(p.name for p in tmp_path.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_0000003.pt', 'ckpt_0000004.pt']
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 4
+
+
+def test_log_lines_are_appended_to_a_json_lines_file(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '3')
+    lines = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [line['step'] for line in lines] == [1, 2, 3]
+    assert {'loss', 'lr', 'grad_norm', 'ms_per_step', 'images_per_s', 'mfu'} <= set(lines[0])
+    assert 'images/s | MFU -' in capsys.readouterr().out  # no known peak FLOP/s on a CPU
+
+
+def test_bench_reports_throughput_and_memory_and_writes_nothing(tmp_path, capsys):
+    args = train.get_parser().parse_args(['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--batch_size', '2',
+                                          '--bench', '--bench_warmup', '1', '--bench_steps', '2',
+                                          '--out_dir', str(tmp_path)])
+    train.main(args)
+    out = capsys.readouterr().out
+    assert re.search(r'bench: [\d.]+ images/s per process, \d+ ms/step, MFU -, peak memory [\d.]+ GiB', out)
+    assert not list(tmp_path.glob('*.pt')) and not (tmp_path / 'log.jsonl').exists()
+
+
+# -----------------------------------------------------------------------------
+# the seed baselines: RAR and next-patch prediction
+
+def test_rar_probability_is_one_before_the_anneal_zero_after_and_linear_between():
+    args = train.get_parser().parse_args(['--max_steps', '1000'])  # defaults: anneal from 50% to 75%
+    assert [train.rar_prob(s, args) for s in (0, 499, 500, 625, 750, 999)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_rar_batch_with_r_zero_is_the_raster_batch():
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(make_orders(4, N, 'rar', g, rar_prob=0.0), make_orders(4, N, 'raster', g))
+    mixed = make_orders(64, N, 'rar', g, rar_prob=0.5)
+    is_raster = (mixed == torch.arange(N)).all(1)
+    assert 10 < is_raster.sum() < 54 and torch.equal(mixed.sort(1).values, torch.arange(N).expand(64, N))
+    model = tiny_model('linear')
+    idx, labels = fixed_batch(4)
+    raster_loss = model(idx, labels, make_orders(4, N, 'raster', g), None)
+    assert model(idx, labels, make_orders(4, N, 'rar', g, rar_prob=0.0), None) == raster_loss
+
+
+def test_target_aware_logits_score_their_own_labels_after_unpermuting():
+    model = tiny_model('linear')
+    idx, labels = fixed_batch(3)
+    orders = make_orders(3, N, 'random', torch.Generator().manual_seed(0))
+    seq = idx.gather(1, orders)
+    h = model.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # h[:, t] predicts orders[:, t]
+    logits = model.token_head.linear(h)  # (3, N, V) in generation order
+    grid_logits = logits.gather(1, orders.argsort(1)[..., None].expand_as(logits))  # un-permuted: raster layout
+    expected = F.cross_entropy(grid_logits.flatten(0, 1), idx.flatten())  # each logit against its own pixel
+    torch.testing.assert_close(model(idx, labels, orders, None), expected)
+
+
+def test_only_the_target_aware_embedding_lets_a_random_order_model_learn_position_determined_tokens():
+    # token = its position: in random order, the next token is knowable only from the target position
+    idx = torch.arange(N).expand(16, N)
+    labels = torch.zeros(16, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    model = tiny_model('linear').train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(idx, labels, make_orders(16, N, 'random', g), None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.3 * math.log(N)  # chance level without the target would stay near log(N - t)
+
+
+def test_npp_patch_embedding_is_the_mean_of_its_tokens_and_its_loss_scores_every_code_of_the_next_patch():
+    model = tiny_model('linear')
+    idx, labels = fixed_batch(2)
+    p, g = 2, G // 2
+    grid = idx.view(2, G, G)
+    emb = model.transformer.tok_emb
+    inputs, codes, positions = [], [], []
+    for r in range(g):  # direct computation, patch by patch in raster order
+        for c in range(g):
+            patch = grid[:, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten(1)  # (2, 4) codes of the patch
+            inputs.append(emb(patch).mean(1))  # Eq. 2
+            codes.append(patch)
+            positions.append(r * G + c)  # the patch-grid coordinates as a grid position
+    t = model.transformer
+    pos = torch.tensor(positions)
+    x = torch.cat([t.cls_emb(labels)[:, None], torch.stack(inputs[:-1], 1) + t.pos_emb(pos[:-1])], 1)
+    h = t.run(x, pos.expand(2, -1), is_causal=True)
+    logp = model.token_head.linear(h).log_softmax(-1)  # (2, g*g, V)
+    expected = -torch.stack([logp[:, i].gather(1, codes[i]) for i in range(g * g)]).mean()  # Eq. 3
+    torch.testing.assert_close(model(idx, labels, None, None, patch_size=2), expected)
+
+
+def test_npp_segments_halve_the_patch_and_restart_the_learning_rate():
+    args = train.get_parser().parse_args(['--max_steps', '100', '--npp_levels', '3', '--npp_lambda', '0.5',
+                                          '--warmup_steps', '5', '--head', 'linear', '--order', 'raster'])
+    segments = [train.npp_segment(s, args) for s in (0, 24, 25, 49, 50, 99)]
+    assert segments == [(0, 25, 4), (0, 25, 4), (25, 50, 2), (25, 50, 2), (50, 100, 1), (50, 100, 1)]
+    lr = [train.get_lr(s, args) for s in range(100)]
+    assert lr[25] == lr[0] == args.lr / 5 and lr[50] == args.lr / 5  # warm restart of each segment
+    assert lr[10] == args.lr and lr[19] == args.lr  # constant until the segment's last fifth
+    assert abs(lr[24] - (args.lr + (1e-5 - args.lr) * 4 / 5)) < 1e-12 and lr[99] < lr[95] < lr[89] == args.lr
+    one = train.get_parser().parse_args(['--max_steps', '100'])
+    assert train.npp_segment(70, one) == (0, 100, 1)  # without NPP: one 1x1 segment
+
+
+# -----------------------------------------------------------------------------
+# sampling at scale: parallel decoding, position choice, editing, distributed and resumable runs
+
+@pytest.mark.parametrize('n,steps', [(256, 256), (256, 64), (256, 8), (64, 64), (64, 1), (10, 3)])
+def test_step_schedule_places_every_token_once_at_least_one_per_step(n, steps):
+    sizes = sample.step_schedule(n, steps)
+    assert len(sizes) == steps and sum(sizes) == n and min(sizes) >= 1
+    if steps == n:
+        assert sizes == [1] * n  # the paper: one (position, token) pair per step
+    else:
+        assert sizes[0] <= sizes[-1]  # cosine: few tokens first, many at the end (MAR)
+
+
+def test_one_token_per_step_is_the_sequential_loop_and_cached_blocks_equal_recomputing():
+    model = tiny_model('global')
+    labels = torch.tensor([1, 4])
+    sequential = generate(model, labels, 'random', torch.Generator().manual_seed(0))
+    assert torch.equal(generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=N), sequential)
+    parallel = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=8)
+    recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=8, use_cache=False)
+    assert torch.equal(parallel, recomputed)
+
+
+def test_parallel_decoding_fills_every_position():
+    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
+    model.token_head.sample_diffusion = type(model.token_head.sample_diffusion)(5)
+    tokens = generate(model, torch.tensor([0, 3]), 'random', torch.Generator().manual_seed(0), num_steps=7)
+    assert tokens.shape == (2, N, 12) and (tokens != 0).any(-1).all()  # no position left at its initial zero
+
+
+def test_confidence_order_fills_every_position_and_differs_from_random():
+    model = tiny_model('global')
+    labels = torch.tensor([2, 7])
+    conf = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=16,
+                    position_order='confidence')
+    rand = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=16)
+    assert conf.shape == (2, N) and not torch.equal(conf, rand)
+
+
+@pytest.mark.parametrize('head', ['global', 'local', 'linear'])
+def test_inpainting_keeps_the_given_tokens_exactly(head):
+    model = tiny_model(head, window=16 if head == 'local' else None)
+    given = torch.randint(512, (2, N))
+    keep = torch.zeros(2, N, dtype=torch.bool)
+    keep[:, [3, 10, 11, 40, 63]] = True  # any positions, for a 2D-random model
+    out = generate(model, torch.tensor([0, 1]), 'random', torch.Generator().manual_seed(0), prefix=(given, keep))
+    assert torch.equal(out[keep], given[keep]) and not torch.equal(out[~keep], given[~keep])
+    again = generate(model, torch.tensor([0, 1]), 'random', torch.Generator().manual_seed(0), prefix=(given, keep),
+                     use_cache=False)
+    assert torch.equal(out, again)  # the kept block through the cache equals recomputing
+
+
+def test_raster_models_only_continue_a_raster_prefix():
+    model = tiny_model('linear')
+    given = torch.randint(512, (1, N))
+    top_rows = torch.arange(N)[None] < 2 * G
+    out = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, top_rows))
+    assert torch.equal(out[top_rows], given[top_rows])  # outpainting downwards from the top rows
+    scattered = torch.zeros(1, N, dtype=torch.bool)
+    scattered[0, [5, 30]] = True
+    with pytest.raises(SystemExit, match='can only continue a raster prefix'):
+        generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, scattered))
+
+
+def test_prefix_image_and_mask_files_drive_the_cli(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    image = tokenizers.make_shapes(1, seed=5)[0][0].numpy()
+    Image.fromarray(image).save(tmp_path / 'image.png')
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :8] = 255  # keep the left half: outpaint the right half
+    Image.fromarray(mask).save(tmp_path / 'mask.png')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '2',
+                                                '--prefix_image', str(tmp_path / 'image.png'), '--keep_mask',
+                                                str(tmp_path / 'mask.png'), '--out', str(tmp_path / 'edit.npz')]))
+    out = np.load(tmp_path / 'edit.npz')['arr_0']
+    kept = tokenizers.PixelTokenizer().decode(tokenizers.PixelTokenizer().encode(torch.from_numpy(image)[None]))
+    assert np.array_equal(out[:, :, :8], kept.numpy()[:, :, :8].repeat(2, 0))
+
+
+def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '5', '--batch_size', '2', '--num_steps', '16']
+    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
+    first = np.load(tmp_path / 'a.npz')['arr_0']
+    assert sorted(p.name for p in (tmp_path / 'a').glob('batch_*.npz')) == [f'batch_0000{k}.npz' for k in range(3)]
+    assert len(list((tmp_path / 'a' / 'images').glob('*.png'))) == 5
+    (tmp_path / 'a' / 'batch_00001.npz').unlink()  # as if killed while sampling batch 1
+    kept = (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns
+    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
+    assert (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns == kept
+    assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], first)  # the same images: per-batch seeds
+
+
+def ddp_sample_worker(rank, world_size, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sample.main(sample.get_parser().parse_args(argv))
+
+
+def test_two_process_sampling_writes_the_images_of_one_process(tmp_path):
+    import socket
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '6', '--batch_size', '2', '--num_steps', '16']
+    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'one.npz')]))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_sample_worker, args=(2, port, argv + ['--out', str(tmp_path / 'two.npz')]),
+                                nprocs=2)
+    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+    assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
+
+
+def test_sampling_bench_reports_speed_flops_and_mfu(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--bench', '--batch_size', '2',
+                                                '--num_steps', '16']))
+    assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps; [\d.]+ GFLOP per image; MFU -',
+                     capsys.readouterr().out)

@@ -1,17 +1,27 @@
 """
 Train Heptapod: next 2D distribution prediction (or a 1D baseline of Table 1) on cached tokens.
 
-    python train.py                                  # tiny model, built-in shapes, a few minutes on a CPU
-    python train.py --data CACHE --size B --head global --density 4 --order random
-    torchrun --nproc_per_node=8 train.py --data CACHE --size H --head global --density 1
+    python train.py                                   # tiny model, built-in shapes, about 4 minutes on a CPU
+    python train.py --tokenizer pixel_patch --max_steps 2600   # continuous tokens and the diffusion MLP
+    torchrun --nproc_per_node=8 train.py --data CACHE --tokenizer vae --size H --head global --density 1 \
+        --global_batch_size 2048 --epochs 800 --warmup_epochs 100   # the paper's Heptapod-H
+    python train.py --data CACHE --tokenizer vae --size L --batch_size 64 --bench   # throughput and MFU
 
-Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end) and out_dir/samples.png.
+Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end), out_dir/log.jsonl and
+out_dir/samples.png. Every random draw of step s (generation orders, supervised prefixes, which mirror
+of each image, diffusion noise) comes from a generator seeded by (seed, s, micro-batch), so the run is
+the same on any number of GPUs and resumes exactly from the step stored in the checkpoint.
 """
 import argparse
 import functools
+import glob
+import json
 import math
 import os
+import resource
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,9 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
-from sample import generate, save_grid
+from sample import PEAK_TFLOPS, generate, peak_flops, save_grid
 from tokenizers import TOKENIZERS, load_dataset, make_tokenizer, token_meta
-
 
 def print0(*a, **kw):
     if int(os.environ.get('RANK', 0)) == 0:
@@ -31,13 +40,38 @@ def print0(*a, **kw):
 
 
 def get_lr(step, args):
-    """Linear warmup, then constant (MAR's schedule) or cosine decay to 0."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
+    """Linear warmup, then constant (MAR's schedule) or cosine decay to 0. With NPP the schedule restarts
+    in every patch-size segment and decays linearly to 1e-5 over the segment's last fifth (NPP Sec. 4.1)."""
+    start, end, _ = npp_segment(step, args)
+    s, length = step - start, end - start
+    if s < args.warmup_steps:
+        return args.lr * (s + 1) / args.warmup_steps
+    if args.npp_levels > 1:
+        tail = length / 5
+        return args.lr if s < length - tail else args.lr + (1e-5 - args.lr) * (s - (length - tail)) / tail
     if args.lr_schedule == 'constant':
         return args.lr
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    progress = (s - args.warmup_steps) / max(1, length - args.warmup_steps)
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def npp_segment(step, args):
+    """(first step, end step, patch size) of the NPP segment that holds `step` (NPP Sec. 3.2): patches of
+    2^l x 2^l while step < lambda^l T, for l = levels-1 down to 1, then 1x1 until T. Without NPP
+    (--npp_levels 1) the whole run is one 1x1 segment."""
+    ends = [round(args.npp_lambda ** l * args.max_steps) for l in range(args.npp_levels - 1, 0, -1)] + [args.max_steps]
+    start = 0
+    for k, end in enumerate(ends):
+        if step < end or k == len(ends) - 1:
+            return start, end, 2 ** (args.npp_levels - 1 - k)
+        start = end
+
+
+def rar_prob(step, args):
+    """RAR Eq. 5: the probability of a random order, 1 before --anneal_start, 0 after --anneal_end and linear
+    in between, in fractions of training, so that resuming does not change it."""
+    progress = step / args.max_steps
+    return min(1.0, max(0.0, (args.anneal_end - progress) / (args.anneal_end - args.anneal_start)))
 
 
 @torch.no_grad()
@@ -53,19 +87,24 @@ def epoch_permutation(num_images, seed, epoch):
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
 
 
-def get_batch(tokens, labels, step, args, rank, world_size):
-    """Batch `step` of a per-epoch permutation (seeded by seed and epoch, so a resumed run reads the same
-    batches), sharded across ranks. Returns what the cache keeps of each image and of its mirror,
-    (B, 2, H*W) ids or (B, 2, H*W, D) vectors, and the labels (B,)."""
-    per_rank = len(labels) // world_size
-    steps_per_epoch = per_rank // args.batch_size
-    epoch, i = divmod(step, steps_per_epoch)
-    perm = epoch_permutation(len(labels), args.seed, epoch)
-    rows = np.sort(perm[rank * per_rank:(rank + 1) * per_rank][i * args.batch_size:(i + 1) * args.batch_size])
-    x = np.asarray(tokens[rows])  # (B, 2, H, W) ids or (B, 2, H, W, D) vectors
+def get_batch(tokens, labels, step, args, rank, accum):
+    """This rank's part of the global batch of `step`: rows [s G, (s+1) G) of the epoch's permutation
+    (seeded by seed and epoch), split into micro-batches of --batch_size, rank r taking micro-batches
+    r*accum .. (r+1)*accum - 1. Returns what the cache keeps of each image and of its mirror,
+    (accum*B, 2, H*W) ids or (accum*B, 2, H*W, D) vectors, and the labels (accum*B,)."""
+    G = args.global_batch_size
+    epoch, i = divmod(step, len(labels) // G)
+    part = epoch_permutation(len(labels), args.seed, epoch)[i * G:(i + 1) * G]
+    rows = part[rank * accum * args.batch_size:(rank + 1) * accum * args.batch_size]
+    order = np.argsort(rows)  # read the memory map in order, then restore the permutation's order
+    x = np.asarray(tokens[rows[order]])[np.argsort(order)]  # (accum*B, 2, H, W) or (accum*B, 2, H, W, D)
     x = x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32)
-    idx = torch.from_numpy(x).flatten(2, 3)  # (B, 2, N) or (B, 2, N, D)
-    return idx, torch.from_numpy(labels[rows].astype(np.int64))
+    return torch.from_numpy(x).flatten(2, 3), torch.from_numpy(labels[rows].astype(np.int64))
+
+
+def micro_generator(seed, step, micro, device):
+    """The generator of micro-batch `micro` (counted over all ranks) of `step`."""
+    return torch.Generator(device).manual_seed(hash((seed, step, micro)) % 2 ** 62)
 
 
 def check_args(args, meta, world_size):
@@ -84,6 +123,16 @@ def check_args(args, meta, world_size):
         errors.append(f"--head global predicts the whole grid (window {N}); use --head local for --window {args.window}")
     if args.head == 'linear' and args.window != N:
         errors.append("--window applies to the 2D heads; --head linear predicts one token")
+    if args.order == 'rar' and args.head != 'linear':
+        errors.append("--order rar trains a 1D model (RAR): use it with --head linear")
+    if args.npp_levels > 1 and (args.head != 'linear' or args.order != 'raster' or meta.get('token_dim')):
+        errors.append("--npp_levels > 1 (next-patch prediction) is for the 1D raster model of discrete tokens: "
+                      "use --head linear --order raster with a discrete tokenizer")
+    if args.npp_levels > 1 and meta['grid_size'] % 2 ** (args.npp_levels - 1):
+        errors.append(f"--npp_levels {args.npp_levels}: patches of {2 ** (args.npp_levels - 1)} do not tile the "
+                      f"{meta['grid_size']}x{meta['grid_size']} grid")
+    if not 0 <= args.anneal_start < args.anneal_end <= 1:
+        errors.append("--anneal_start and --anneal_end must satisfy 0 <= start < end <= 1")
     if args.head == 'local' and args.order != 'random':
         errors.append("--head local predicts the chunk of a randomly drawn next position: use --order random "
                       "(or --head linear --order raster for the 1D-raster baseline)")
@@ -93,14 +142,17 @@ def check_args(args, meta, world_size):
         errors.append("--head_depth must be >= 1")
     if meta['tokenizer'] != args.tokenizer:
         errors.append(f"--data {args.data} holds '{meta['tokenizer']}' tokens; pass --tokenizer {meta['tokenizer']}")
-    if args.batch_size * world_size > meta['num_images']:
-        errors.append(f"--batch_size {args.batch_size} x {world_size} processes is more than the "
-                      f"{meta['num_images']} images of --data")
+    if args.global_batch_size % (args.batch_size * world_size):
+        errors.append(f"--global_batch_size {args.global_batch_size} is not a multiple of --batch_size "
+                      f"{args.batch_size} x {world_size} processes")
+    if args.global_batch_size > meta['num_images']:
+        errors.append(f"--global_batch_size {args.global_batch_size} is more than the {meta['num_images']} images "
+                      f"of --data")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
 
-def dry_run(model, args, world_size):
+def dry_run(model, args):
     """Print the resolved configuration, the parameters of each part and the training FLOPs per image."""
     print0('configuration: ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
     parts = {'backbone': model.transformer, 'head': model.head, 'token head': model.token_head}
@@ -111,6 +163,30 @@ def dry_run(model, args, world_size):
     for name, f in flops.items():
         print0(f"training FLOPs per image, {name:<10} {f / 1e9:10.2f} GFLOP")
     print0(f"training FLOPs per image, {'total':<10} {sum(flops.values()) / 1e9:10.2f} GFLOP")
+
+
+def peak_memory(device):
+    if device.startswith('cuda'):
+        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB (process RSS)"  # Linux: KiB
+
+
+def save_checkpoint(ckpt, out_dir, keep_last):
+    """Write out_dir/ckpt_STEP.pt through a temporary file and a rename (a crash never leaves a half-written
+    file), point out_dir/ckpt.pt at it (a hard link, replaced atomically) and keep the newest keep_last."""
+    path = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    latest = os.path.join(out_dir, 'ckpt.pt')
+    if os.path.exists(latest + '.tmp'):
+        os.remove(latest + '.tmp')
+    try:
+        os.link(path, latest + '.tmp')
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, latest + '.tmp')
+    os.replace(latest + '.tmp', latest)
+    for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')))[:-keep_last]:
+        os.remove(old)
 
 
 def main(args):
@@ -127,6 +203,8 @@ def main(args):
         device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what runs in fp32 outside autocast
+    torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
 
     # --- data ---
@@ -138,8 +216,11 @@ def main(args):
     meta['num_images'] = len(labels)
     N = meta['grid_size'] ** 2
     args.window = args.window or N  # the global head's window is the whole grid
+    # the global batch (paper: 2048) = micro-batch x processes x accumulation steps; lr is for the global batch
+    args.global_batch_size = args.global_batch_size or args.batch_size * world_size
     check_args(args, meta, world_size)
-    steps_per_epoch = len(labels) // world_size // args.batch_size
+    accum = args.global_batch_size // (args.batch_size * world_size)
+    steps_per_epoch = len(labels) // args.global_batch_size
     if args.epochs:  # the paper counts epochs (Sec. 5.1: 800); steps follow from the data and batch size
         args.max_steps = round(args.epochs * steps_per_epoch)
     if args.warmup_epochs is not None:
@@ -159,22 +240,27 @@ def main(args):
         config.update(diffusion_width=None, diffusion_depth=None)
     model = Heptapod(**config).to(device)
     if args.dry_run:
-        dry_run(model, args, world_size)
+        dry_run(model, args)
         return
-    ema = Heptapod(**config).to(device).requires_grad_(False)
+    ema = Heptapod(**config).to(device).requires_grad_(False)  # fp32, like the weights it averages
     ema.load_state_dict(model.state_dict())
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices and embeddings only
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # no weight decay on vectors and on the diffusion MLP (MAR's add_weight_decay)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith('token_head.net')]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith('token_head.net')]
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
                                    {'params': no_decay, 'weight_decay': 0.0}],
                                   lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == 'cuda')
+    if args.grad_checkpointing:
+        for m in model.modules():
+            m.grad_checkpointing = True  # read by model.run_block for every block
+    flops_per_image = sum(model.flops_per_image(args.density).values())
+    peak = peak_flops(device, args.peak_tflops)  # None on CPUs: no MFU
     print0(f"model: {args.size} ({size['n_layer']} layers, width {size['n_embd']}), head {args.head}"
            f"{'' if model.head is None else f' ({len(model.head.blocks)} layers, window {args.window})'}, "
            f"order {args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-           f"parameters; {args.max_steps} steps of {args.batch_size * world_size} images")
-
-    # --- randomness of the method: generation orders and supervised prefix lengths, one stream per rank ---
-    gen = torch.Generator(device).manual_seed(args.seed + rank)
+           f"parameters, {flops_per_image / 1e9:.1f} GFLOP per training image")
+    print0(f"batch: {args.global_batch_size} = {args.batch_size} x {world_size} processes x {accum} accumulation "
+           f"steps; {args.max_steps} steps ({args.max_steps / steps_per_epoch:.1f} epochs), lr {args.lr}")
 
     # --- resume ---
     step = 0
@@ -190,88 +276,115 @@ def main(args):
         ema.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
-        if len(ckpt['rng']) == world_size:
-            gen.set_state(ckpt['rng'][rank].to('cpu'))
-        else:  # another number of processes: the order/prefix streams cannot continue exactly
-            gen.manual_seed(args.seed + rank + 1000 * step)
-            print0(f"note: {ckpt_path} was written by {len(ckpt['rng'])} processes, not {world_size}; "
-                   f"orders and prefixes are re-seeded, so the run is not bit-identical to an uninterrupted one")
         print0(f"resumed from {ckpt_path} at step {step}")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-    raw_model = model
+    raw_model = model  # checkpoints hold the unwrapped, uncompiled module
+    if args.compile:
+        model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
-    def save_checkpoint():
-        states = [gen.get_state()]
-        if ddp:  # every rank's order/prefix stream, so a resumed run draws the same ones
-            states = [None] * world_size
-            dist.all_gather_object(states, gen.get_state())
-        if master:
-            ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                        step=step, args=vars(args), config=config, data_meta=meta, rng=states)
-            torch.save(ckpt, ckpt_path + '.tmp')
-            os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash never leaves a half-written ckpt.pt
-
     # --- training loop ---
+    pool = ThreadPoolExecutor(1)  # reads the next batch from the cache while this step runs
+    next_batch = pool.submit(get_batch, tokens, labels, step, args, rank, accum)
+    bench_start = step + args.bench_warmup
+    first_step = step
     t0, last_log = time.time(), step
-    loss = torch.zeros((), device=device)
+    loss_sum = grad_norm = torch.zeros((), device=device)
     while True:
-        if step > 0 and (step % args.ckpt_interval == 0 or step == args.max_steps):
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopping without saving, "
-                                 f"the last good checkpoint is {ckpt_path} (lower --lr?)")
-            save_checkpoint()
+        if step > first_step and (step % args.log_interval == 0 or step % args.ckpt_interval == 0
+                                  or step == args.max_steps):
+            if ddp:  # the mean over ranks; this and .item() are the only host syncs, on these steps only
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_val, norm_val = loss_sum.item(), grad_norm.item()
+            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                raise SystemExit(f"error: loss {loss_val}, grad norm {norm_val} at step {step}; stopped without "
+                                 f"saving: the last good checkpoint is {ckpt_path} (lower --lr?)")
+            if step % args.log_interval == 0 or step == args.max_steps:
+                dt = (time.time() - t0) / (step - last_log)
+                stats = dict(step=step, loss=loss_val, lr=get_lr(step - 1, args), grad_norm=norm_val,
+                             ms_per_step=1000 * dt, images_per_s=args.global_batch_size / dt,
+                             mfu=peak and flops_per_image * args.global_batch_size / dt / (peak * world_size))
+                mfu = '-' if peak is None else f"{100 * stats['mfu']:.1f}%"
+                print0(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {stats['lr']:.2e} | grad norm "
+                       f"{norm_val:.2f} | {stats['ms_per_step']:.0f} ms/step | {stats['images_per_s']:.1f} images/s"
+                       f" | MFU {mfu}")
+                if master and not args.bench:
+                    with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
+                        f.write(json.dumps(stats) + '\n')
+                t0, last_log = time.time(), step
+            if master and not args.bench and (step % args.ckpt_interval == 0 or step == args.max_steps):
+                save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                                     optimizer=optimizer.state_dict(), step=step, args=vars(args), config=config,
+                                     data_meta=meta), args.out_dir, args.keep_last)
+        if args.bench and step == bench_start:
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            bench_t0 = time.time()
+        if args.bench and step == bench_start + args.bench_steps:
+            if device_type == 'cuda':
+                torch.cuda.synchronize()
+            dt = (time.time() - bench_t0) / args.bench_steps
+            images = args.global_batch_size / world_size / dt
+            mfu = '-' if peak is None else f"{100 * flops_per_image * images / peak:.1f}%"
+            print0(f"bench: {images:.1f} images/s per {'GPU' if device_type == 'cuda' else 'process'}, "
+                   f"{1000 * dt:.0f} ms/step, MFU {mfu}, peak memory {peak_memory(device)}")
+            break
         if step == args.max_steps:
             break
 
-        cached, y = get_batch(tokens, labels, step, args, rank, world_size)
-        cached, y = cached.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        flip = torch.randint(2, (len(y),), generator=gen, device=device)  # the image or its mirror, as MAR
-        idx = TOKENIZERS[args.tokenizer].from_cache(cached[torch.arange(len(y), device=device), flip], gen)
-        if args.class_dropout > 0:  # train the 'no class' token for CFG (Fig. 1 comparison; off in the paper)
-            drop = torch.rand(len(y), generator=gen, device=gen.device) < args.class_dropout
-            y = torch.where(drop, raw_model.num_classes, y)
-        orders = make_orders(len(y), N, args.order, gen)  # (B, N)
-        prefix_lens = sample_prefix_lens(len(y), args.density, N, gen)  # (B, n)
+        # the step: accum micro-batches, gradients averaged over all of them and all ranks
+        cached, labels_b = next_batch.result()
+        next_batch = pool.submit(get_batch, tokens, labels, step + 1, args, rank, accum)
+        if device_type == 'cuda':
+            cached, labels_b = cached.pin_memory(), labels_b.pin_memory()
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        with autocast:
-            loss = model(idx, y, orders, prefix_lens, gen)
-        loss.backward()
+        loss_sum = torch.zeros((), device=device)
+        for a in range(accum):
+            gen = micro_generator(args.seed, step, rank * accum + a, device)
+            x = cached[a * args.batch_size:(a + 1) * args.batch_size].to(device, non_blocking=True)
+            y = labels_b[a * args.batch_size:(a + 1) * args.batch_size].to(device, non_blocking=True)
+            B = len(y)
+            flip = torch.randint(2, (B,), generator=gen, device=device)  # the image or its mirror, as MAR
+            idx = TOKENIZERS[args.tokenizer].from_cache(x[torch.arange(B, device=device), flip], gen)
+            if args.class_dropout > 0:  # train the 'no class' token for CFG (Fig. 1 comparison; off in the paper)
+                drop = torch.rand(B, generator=gen, device=device) < args.class_dropout
+                y = torch.where(drop, raw_model.num_classes, y)
+            orders = make_orders(B, N, args.order, gen, rar_prob(step, args))  # (B, N)
+            prefix_lens = sample_prefix_lens(B, args.density, N, gen)  # (B, n)
+            if ddp:
+                model.require_backward_grad_sync = a == accum - 1  # all-reduce once, after the last micro-batch
+            with autocast:
+                loss = model(idx, y, orders, prefix_lens, gen, npp_segment(step, args)[2]) / accum
+            loss.backward()
+            loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, raw_model, step, args.ema)
         step += 1
-
-        if step % args.log_interval == 0 or step == args.max_steps:
-            loss_val = loss.item()  # the only host sync, on logging steps
-            if not math.isfinite(loss_val):
-                raise SystemExit(f"error: loss is {loss_val} at step {step}; stopping, the last good checkpoint "
-                                 f"is {ckpt_path} (lower --lr?)")
-            dt = (time.time() - t0) / (step - last_log)
-            print0(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | grad norm "
-                   f"{grad_norm.item():.2f} | {dt * 1000:.0f} ms/step | {len(y) * world_size / dt:.1f} images/s")
-            t0, last_log = time.time(), step
+    pool.shutdown(wait=False, cancel_futures=True)
 
     # --- a grid of samples from the EMA weights, one column per class ---
-    if master and args.num_samples > 0 and meta.get('ckpt') and not os.path.isfile(meta['ckpt']):
-        print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
-    elif master and args.num_samples > 0:
-        g = torch.Generator(device).manual_seed(args.seed)
-        num_classes = meta['num_classes']
-        y = torch.arange(args.num_samples, device=device) % num_classes
-        t_s = time.time()
-        out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
-        dt = time.time() - t_s
-        tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
-        images = tokenizer.decode(out.view(-1, meta['grid_size'], meta['grid_size'], *out.shape[2:]))
-        save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
-        print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
-               f"wrote {args.out_dir}/samples.png and {ckpt_path}")
+    if master and args.num_samples > 0 and not args.bench:
+        if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):
+            print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
+        else:
+            g = torch.Generator(device).manual_seed(args.seed)
+            num_classes = meta['num_classes']
+            y = torch.arange(args.num_samples, device=device) % num_classes
+            t_s = time.time()
+            out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
+            dt = time.time() - t_s
+            tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
+            images = tokenizer.decode(out.view(-1, meta['grid_size'], meta['grid_size'], *out.shape[2:]))
+            save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
+            print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
+                   f"wrote {args.out_dir}/samples.png and {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
 
@@ -280,24 +393,33 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
     parser.add_argument('--size', default='tiny', choices=list(SIZES), help='Table 3: B, L, H; tiny/small for CPU')
-    parser.add_argument('--depth', type=int, default=None, help='causal layers (default: the size\'s; Table 4)')
+    parser.add_argument('--depth', type=int, default=None, help="causal layers (default: the size's; Table 4)")
     parser.add_argument('--head', default='global', choices=['global', 'local', 'linear'],
                         help='global / local: 2D heads (Sec. 4.3); linear: one next token (1D baselines, Table 1)')
     parser.add_argument('--window', type=int, default=None,
                         help='positions per chunk of the local head, 16 = 4x4, 64 = 8x8 (Fig. 7); default: whole grid')
     parser.add_argument('--head_depth', type=int, default=None, help='head layers (default: = backbone depth)')
-    parser.add_argument('--order', default='random', choices=['random', 'raster'], help='generation order')
+    parser.add_argument('--order', default='random', choices=['random', 'raster', 'rar'],
+                        help='generation order; rar: random annealed to raster (RAR, with --head linear)')
     parser.add_argument('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
+    # the seed baselines: RAR (--order rar) and next-patch prediction (--npp_levels)
+    parser.add_argument('--anneal_start', type=float, default=0.5, help='RAR: fraction of training where r leaves 1')
+    parser.add_argument('--anneal_end', type=float, default=0.75, help='RAR: fraction of training where r reaches 0')
+    parser.add_argument('--npp_levels', type=int, default=1,
+                        help='NPP: patch levels #L (2: 2x2 then 1x1); 1 = off, plain next-token prediction')
+    parser.add_argument('--npp_lambda', type=float, default=0.5, help='NPP: segment scheduling factor lambda')
     # data
     parser.add_argument('--data', default='shapes', help="'shapes' (built-in) or a cache dir from tokenizers.py")
     parser.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
                         help='how the built-in images are tokenized; must match the tokens of a cache')
     # optimization
-    parser.add_argument('--batch_size', type=int, default=16, help='per process; the paper uses 2048 in total')
+    parser.add_argument('--batch_size', type=int, default=16, help='images per process and micro-step')
+    parser.add_argument('--global_batch_size', type=int, default=None,
+                        help='images per optimizer step (Sec. 5.1: 2048); default: batch_size x processes')
     parser.add_argument('--max_steps', type=int, default=1300)
     parser.add_argument('--epochs', type=float, default=None, help='run length in epochs, sets --max_steps (paper: 800)')
     parser.add_argument('--warmup_epochs', type=float, default=None, help='sets --warmup_steps (MAR: 100)')
-    parser.add_argument('--lr', type=float, default=8e-4, help='Sec. 5.1: 8e-4')
+    parser.add_argument('--lr', type=float, default=8e-4, help='for the global batch (Sec. 5.1: 8e-4 at 2048)')
     parser.add_argument('--lr_schedule', default='cosine', choices=['constant', 'cosine'],
                         help='after warmup (not in the paper; MAR: constant)')
     parser.add_argument('--warmup_steps', type=int, default=50)
@@ -316,9 +438,18 @@ def get_parser():
     parser.add_argument('--resume', action='store_true', help='continue from out_dir/ckpt.pt')
     parser.add_argument('--log_interval', type=int, default=100)
     parser.add_argument('--ckpt_interval', type=int, default=500)
+    parser.add_argument('--keep_last', type=int, default=2, help='checkpoints kept (ckpt.pt is the newest)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile')
+    parser.add_argument('--grad_checkpointing', action=argparse.BooleanOptionalAction, default=False,
+                        help='recompute block activations in backward: less memory, about 1/3 more compute')
     parser.add_argument('--dry_run', action='store_true', help='print the configuration, sizes and FLOPs, then exit')
+    parser.add_argument('--bench', action='store_true', help='time --bench_steps steps after --bench_warmup, then exit')
+    parser.add_argument('--bench_warmup', type=int, default=5)
+    parser.add_argument('--bench_steps', type=int, default=20)
+    parser.add_argument('--peak_tflops', type=float, default=None,
+                        help=f'peak bf16 TFLOP/s per device for MFU, when not one of {list(PEAK_TFLOPS)}')
     return parser
 
 
