@@ -12,9 +12,11 @@ import shlex
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import fid
 import sample
 import tokenizers
 import train
@@ -444,6 +446,7 @@ def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
     ('--npp_levels 2 --head linear --order random', 'use --head linear --order raster'),
     ('--npp_levels 6 --head linear --order raster', 'do not tile'),
     ('--global_batch_size 24 --batch_size 16', 'not a multiple of --batch_size'),
+    ('--eval_every 10', '--eval_every needs --fid_ref'),
 ])
 def test_invalid_flag_combinations_fail_at_start_up_in_one_line(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)) as e:
@@ -1126,3 +1129,313 @@ def test_sampling_bench_reports_speed_flops_and_mfu(tmp_path, capsys):
                                                 '--num_steps', '16']))
     assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps; [\d.]+ GFLOP per image; MFU -',
                      capsys.readouterr().out)
+
+
+# -----------------------------------------------------------------------------
+# fid.py. The published Inception weights cannot be downloaded here, so the network runs with random weights
+# saved under the published key names. The oracle tests against pytorch-fid and torch-fidelity skip when those
+# packages are not installed (pip install pytorch-fid torch-fidelity to run them; both matched to 0.0 in pool3).
+
+def random_inception(seed=0):
+    """FIDInception with random weights that keep activations O(1) through its 94 convolutions (He init and
+    random BatchNorm statistics), in eval mode."""
+    torch.manual_seed(seed)
+    model = fid.FIDInception()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    nn.init.normal_(model.fc.weight, std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def inception_weights(tmp_path_factory):
+    """A random FIDInception saved as a plain state dict, as pytorch-fid's file is."""
+    path = str(tmp_path_factory.mktemp('inception') / fid.WEIGHTS_FILE)
+    torch.save(random_inception().state_dict(), path)
+    return path
+
+
+def random_images(n, size, seed=0):
+    """uint8 images (n, size, size, 3): smooth colour blobs plus noise, so that they differ in content."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(0, 256, (n, 3, 4, 4), generator=g).float()
+    x = F.interpolate(low, size=(size, size), mode='bilinear', align_corners=False)
+    x = x + 20 * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (n, size, size, 3)
+
+
+def run_fid(*argv):
+    fid.main(fid.get_parser().parse_args(list(argv)))
+
+
+# -----------------------------------------------------------------------------
+# the network and its weights
+
+def test_inception_has_the_published_state_dict_keys_and_shapes():
+    sd = fid.FIDInception().state_dict()
+    assert len(sd) == 566  # 94 conv+BN units x 6 keys (with num_batches_tracked) + fc.weight, fc.bias
+    assert sum(k.endswith('conv.weight') for k in sd) == 94
+    assert sum(v.numel() for k, v in sd.items() if 'running' not in k and 'num_batches' not in k) == 23_850_960
+    expected = {  # from the published file's layout (torchvision's Inception3 with 1008 classes, no AuxLogits)
+        'Conv2d_1a_3x3.conv.weight': (32, 3, 3, 3), 'Conv2d_4a_3x3.bn.running_var': (192,),
+        'Mixed_5b.branch_pool.conv.weight': (32, 192, 1, 1), 'Mixed_6a.branch3x3.conv.weight': (384, 288, 3, 3),
+        'Mixed_6b.branch7x7_2.conv.weight': (128, 128, 1, 7), 'Mixed_6e.branch7x7dbl_5.conv.weight': (192, 192, 1, 7),
+        'Mixed_7a.branch7x7x3_4.conv.weight': (192, 192, 3, 3), 'Mixed_7b.branch3x3dbl_1.conv.weight': (448, 1280, 1, 1),
+        'Mixed_7c.branch3x3dbl_3b.conv.weight': (384, 384, 3, 1), 'fc.weight': (1008, 2048), 'fc.bias': (1008,)}
+    assert {k: tuple(sd[k].shape) for k in expected} == expected
+    assert all(m.eps == 0.001 for m in fid.FIDInception().modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize('num_batches_tracked', [True, False])  # pytorch-fid's file has them, torch-fidelity's not
+def test_random_weights_saved_under_the_published_keys_load_back_strictly(tmp_path, num_batches_tracked):
+    sd = random_inception(seed=1).state_dict()
+    if not num_batches_tracked:
+        sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
+    torch.save(sd, tmp_path / 'w.pth')
+    model = fid.load_inception(str(tmp_path / 'w.pth'))
+    assert not model.training
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_missing_weights_file_names_the_file_and_where_it_is_published(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        fid.load_inception(str(tmp_path / 'nope.pth'))
+    msg = str(e.value)
+    assert msg.startswith('error: ') and '\n' not in msg
+    assert 'nope.pth' in msg and fid.WEIGHTS_FILE in msg and fid.WEIGHTS_URL in msg
+
+
+def test_weights_with_wrong_keys_are_refused_in_one_line(tmp_path):
+    sd = fid.FIDInception().state_dict()
+    sd['AuxLogits.fc.weight'] = torch.zeros(1000, 768)  # torchvision's ImageNet Inception, not the FID one
+    del sd['fc.bias']
+    torch.save(sd, tmp_path / 'w.pth')
+    with pytest.raises(SystemExit) as e:
+        fid.load_inception(str(tmp_path / 'w.pth'))
+    msg = str(e.value)
+    assert msg.startswith('error: ') and '\n' not in msg and 'fc.bias' in msg and 'AuxLogits.fc.weight' in msg
+
+
+def test_spatial_features_are_the_first_7_channels_of_mixed_6d_1x1_branch_in_hwc_order():
+    model = random_inception()
+    seen = {}
+    model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault('out', o))
+    with torch.no_grad():
+        pool, spatial = model(fid.preprocess(torch.from_numpy(random_images(1, 299))))
+    assert pool.shape == (1, 2048) and spatial.shape == (1, 2023)
+    nhwc = seen['out'].permute(0, 2, 3, 1)  # (1, 17, 17, 192), as TF lays out 'mixed_6/conv:0'
+    assert torch.equal(spatial, nhwc[..., :7].reshape(1, -1))
+    assert pool.std() > 0.1 and spatial.std() > 0.1  # the random network is not degenerate
+
+
+# -----------------------------------------------------------------------------
+# preprocessing
+
+def tf1_resize_by_hand(img, out_size):
+    """TF 1's ResizeBilinear (align_corners=False) written out per pixel: in = out_index * (in_size / out_size)
+    in float32, lo = floor(in), hi = min(lo + 1, in_size - 1), interpolate along x, then y."""
+    H, W = img.shape
+    out = np.zeros((out_size, out_size), np.float32)
+    for i in range(out_size):
+        y = np.float32(i) * np.float32(H / out_size)
+        y0 = int(y)
+        y1, dy = min(y0 + 1, H - 1), y - np.float32(y0)
+        for j in range(out_size):
+            x = np.float32(j) * np.float32(W / out_size)
+            x0 = int(x)
+            x1, dx = min(x0 + 1, W - 1), x - np.float32(x0)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * dx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * dx
+            out[i, j] = top + (bottom - top) * dy
+    return out
+
+
+@pytest.mark.parametrize('shape,size', [((5, 7), 11), ((9, 6), 4), ((3, 3), 8)])  # up, down, 3 -> 8
+def test_tf1_resize_matches_the_tf1_bilinear_rule_computed_directly(shape, size):
+    img = np.random.default_rng(0).integers(0, 256, shape).astype(np.float32)
+    ours = fid.resize_tf1(torch.from_numpy(img)[None, None], size)[0, 0].numpy()
+    np.testing.assert_allclose(ours, tf1_resize_by_hand(img, size), rtol=0, atol=1e-4)
+    half_pixel = F.interpolate(torch.from_numpy(img)[None, None], size=(size, size), mode='bilinear')[0, 0].numpy()
+    assert np.abs(ours - half_pixel).max() > 1  # the rule differs from PyTorch's (pytorch-fid's) resize
+
+
+def test_tf1_preprocessing_of_a_299_image_is_exactly_x_minus_128_over_128():
+    images = torch.from_numpy(random_images(1, 299))
+    x = fid.preprocess(images, 'tf1')
+    assert torch.equal(x, (images.permute(0, 3, 1, 2).float() - 128) / 128)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def test_frechet_distance_equals_the_closed_form_for_diagonal_gaussians():
+    g = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = g.normal(size=16), g.normal(size=16), g.uniform(0.1, 3, 16), g.uniform(0.1, 3, 16)
+    closed_form = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(closed_form, rel=1e-10)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics():
+    a = np.random.default_rng(0).normal(size=(500, 64))
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+
+
+def test_frechet_distance_refuses_a_large_imaginary_part():
+    with pytest.raises(ValueError, match='imaginary'):  # a "covariance" with a negative eigenvalue
+        fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+
+
+def test_inception_score_is_one_for_identical_predictions():
+    logits = np.tile(np.random.default_rng(0).normal(size=1008), (50, 1))
+    assert fid.inception_score(logits) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_equals_the_number_of_classes_for_uniform_one_hot_predictions():
+    logits = 60 * np.eye(1008)[np.arange(2 * 1008) % 1008]  # every class twice, softmax one-hot to 1e-23
+    assert fid.inception_score(logits, splits=1) == pytest.approx(1008, rel=1e-9)
+
+
+def test_inception_score_shuffles_class_sorted_samples_before_splitting():
+    logits = 60 * np.eye(1008)[np.repeat(np.arange(10), 100)]  # sorted by class: each unshuffled split is one class
+    assert fid.inception_score(logits, splits=10) > 8  # shuffled: ~10 classes per split, not 1
+
+
+def test_precision_recall_match_a_brute_force_count():
+    g = np.random.default_rng(0)
+    real, fake = g.normal(size=(40, 5)), g.normal(size=(30, 5)) * 0.7 + 0.8
+    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
+    radius = lambda a: np.sort(d(a, a), axis=1)[:, 3]  # 3rd nearest neighbour, the point itself excluded # noqa
+    precision = (d(fake, real) <= radius(real)[None]).any(1).mean()
+    recall = (d(real, fake) <= radius(fake)[None]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert fid.precision_recall(real, fake, k=3, batch_size=7) == pytest.approx((precision, recall))
+
+
+# -----------------------------------------------------------------------------
+# image sets, reference batches and the command line
+
+def test_stats_round_trip_through_save_stats_and_the_cli_prints_each_metric(tmp_path, inception_weights, capsys, monkeypatch):
+    images = random_images(4, 32)  # 4 images: precision/recall with k = 3 need more than 3
+    samples, out = str(tmp_path / 'samples.npz'), str(tmp_path / 'stats.npz')
+    np.savez(samples, arr_0=images, arr_1=np.arange(4))  # sample.py's layout
+    # scipy's sqrtm of a singular 2048x2048 product takes ~30 s on 2 cores and frechet_distance has its own
+    # tests: here we record the statistics compared, with a distance that is 0 when they are equal
+    compared = []
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *s: compared.append(s) or
+                        np.abs(s[0] - s[2]).max() + np.abs(s[1] - s[3]).max())
+    run_fid(samples, samples, '--save_stats', out, '--inception', inception_weights)  # the samples against themselves
+    lines = dict(line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith(('/', 'wrote')))
+    assert list(lines) == ['FID', 'sFID', 'IS', 'precision', 'recall']
+    assert float(lines['FID']) == float(lines['sFID']) == 0 and float(lines['precision']) == float(lines['recall']) == 1
+    with np.load(out) as f:
+        saved = dict(f)
+    assert {k: v.shape for k, v in saved.items()} == {'arr_0': (4, 32, 32, 3), **fid.STATS_SHAPES}
+    assert np.array_equal(saved['arr_0'], images) and saved['sigma'].std() > 0 and saved['sigma_s'].std() > 0
+    (mu, sigma, _, _), (mu_s, sigma_s, _, _) = compared  # the samples' statistics in the FID and sFID
+    assert all(np.array_equal(saved[k], v) for k, v in dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s).items())
+    np.savez(tmp_path / 'stats_only.npz', **{k: saved[k] for k in fid.STATS_SHAPES})
+    ref, ref_pool = fid.load_reference(str(tmp_path / 'stats_only.npz'), model=None)  # read back, no images
+    assert ref_pool is None and all(np.array_equal(ref[k], saved[k]) for k in fid.STATS_SHAPES)
+
+
+def test_image_folder_is_read_recursively_and_needs_one_size(tmp_path):
+    images = random_images(3, 16)
+    os.makedirs(tmp_path / 'a' / 'b')
+    for i, name in enumerate(['a/0.png', 'a/b/1.png', '2.png']):
+        Image.fromarray(images[i]).save(tmp_path / name)
+    (tmp_path / 'notes.txt').write_text('not an image')
+    loaded = fid.load_images(str(tmp_path))
+    assert loaded.dtype == np.uint8 and loaded.shape == (3, 16, 16, 3)
+    assert sorted(map(bytes, loaded)) == sorted(map(bytes, images))
+    Image.fromarray(random_images(1, 8)[0]).save(tmp_path / 'small.png')
+    with pytest.raises(SystemExit, match='sizes'):
+        fid.load_images(str(tmp_path))
+
+
+@pytest.mark.parametrize('arrays,match', [
+    ({'images': np.zeros((2, 8, 8, 3), np.uint8)}, "no 'arr_0'"),  # wrong key
+    ({'arr_0': np.zeros((2, 8, 8, 3), np.float32)}, 'uint8'),  # wrong dtype
+    ({'arr_0': np.zeros((2, 3, 8, 8), np.uint8)}, r'\(N, H, W, 3\)'),  # NCHW
+])
+def test_bad_sample_npz_is_a_clear_one_line_error(tmp_path, arrays, match):
+    np.savez(tmp_path / 's.npz', **arrays)
+    with pytest.raises(SystemExit, match=match) as e:
+        fid.load_images(str(tmp_path / 's.npz'))
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
+
+
+def test_reference_with_wrongly_shaped_statistics_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.zeros((2048, 10)))
+    with pytest.raises(SystemExit, match="'sigma'"):
+        fid.load_reference(str(tmp_path / 'ref.npz'), model=None)
+
+
+# -----------------------------------------------------------------------------
+# oracles: pytorch-fid and torch-fidelity with the same random weights (skipped when not installed)
+
+def test_tf1_features_match_torch_fidelity(inception_weights):
+    extractor = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
+    theirs = extractor.FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                                   feature_extractor_weights_path=inception_weights)
+    images = random_images(2, 64)
+    ours = fid.features(fid.load_inception(inception_weights), images)
+    with torch.no_grad():
+        pool, logits = theirs(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    np.testing.assert_allclose(ours['pool'], pool.double().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours['logits'], logits.double().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_pytorch_resize_features_match_pytorch_fid(inception_weights, monkeypatch):
+    inception = pytest.importorskip('pytorch_fid.inception')
+    monkeypatch.setattr(inception, 'load_state_dict_from_url', lambda *a, **kw: torch.load(inception_weights, weights_only=True))
+    theirs = inception.InceptionV3([3]).eval()
+    images = random_images(2, 64)
+    ours = fid.features(fid.load_inception(inception_weights), images, resize='pytorch')
+    with torch.no_grad():
+        pool = theirs(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)[0].flatten(1)
+    np.testing.assert_allclose(ours['pool'], pool.double().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_resize_and_inception_score_match_torch_fidelity():
+    interp = pytest.importorskip('torch_fidelity.interpolate_compat_tensorflow')
+    isc = pytest.importorskip('torch_fidelity.metric_isc')
+    x = torch.from_numpy(random_images(2, 37)).permute(0, 3, 1, 2).float()
+    theirs = interp.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    assert torch.equal(fid.resize_tf1(x), theirs)
+    logits = torch.randn(1000, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    expected = isc.isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)['inception_score_mean']
+    assert fid.inception_score(logits.numpy()) == pytest.approx(expected, rel=1e-12)
+
+
+def test_online_evaluation_logs_fid_of_ema_samples_against_the_reference(tmp_path, inception_weights, monkeypatch):
+    ref = str(tmp_path / 'ref.npz')  # a reference batch of the training data, written by fid.py --save_stats
+    images, _ = tokenizers.make_shapes(12, size=32, seed=0)
+    np.savez(tmp_path / 'shapes.npz', arr_0=images)
+    run_fid(str(tmp_path / 'shapes.npz'), '--save_stats', ref, '--inception', inception_weights)
+    compared = []  # sqrtm of singular 2048x2048 products takes ~30 s here: frechet_distance has its own tests
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *s: compared.append(s) or float(np.abs(s[0] - s[2]).sum()))
+    run_train(tmp_path / 'run', '--max_steps', '3', '--eval_every', '2', '--fid_ref', ref, '--eval_images', '10',
+              '--inception', inception_weights, '--batch_size', '10')  # one sampling batch per evaluation
+    evals = [r for r in map(json.loads, open(tmp_path / 'run' / 'log.jsonl')) if 'fid' in r]
+    assert [r['step'] for r in evals] == [2, 3]  # every --eval_every steps and at the end
+    assert set(evals[0]) == {'step', 'eval_images', 'fid', 'sfid', 'is', 'precision', 'recall'}
+    with np.load(ref) as f:
+        assert np.array_equal(compared[0][2], f['mu']) and np.array_equal(compared[1][2], f['mu_s'])
+    assert evals[0]['fid'] > 0 and evals[0]['fid'] != evals[1]['fid']  # the samples' statistics, not the reference's
+    assert 1 <= evals[0]['is'] <= 10
+
+
+def test_online_evaluation_without_the_inception_weights_fails_before_training(tmp_path):
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(SystemExit, match=re.escape(fid.WEIGHTS_URL)) as e:
+        run_train(tmp_path, '--max_steps', '1', '--eval_every', '1', '--fid_ref', str(tmp_path / 'ref.npz'),
+                  '--inception', str(tmp_path / 'missing.pth'))
+    assert '\n' not in str(e.value) and not (tmp_path / 'ckpt.pt').exists()

@@ -6,6 +6,7 @@ Train Heptapod: next 2D distribution prediction (or a 1D baseline of Table 1) on
     torchrun --nproc_per_node=8 train.py --data CACHE --tokenizer vae --size H --head global --density 1 \
         --global_batch_size 2048 --epochs 800 --warmup_epochs 100   # the paper's Heptapod-H
     python train.py --data CACHE --tokenizer vae --size L --batch_size 64 --bench   # throughput and MFU
+    ... --eval_every 50000 --fid_ref VIRTUAL_imagenet256_labeled.npz   # FID/IS of 5000 EMA samples, as MAR
 
 Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end), out_dir/log.jsonl and
 out_dir/samples.png. Every random draw of step s (generation orders, supervised prefixes, which mirror
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
 from sample import PEAK_TFLOPS, generate, peak_flops, save_grid
@@ -148,6 +150,11 @@ def check_args(args, meta, world_size):
     if args.global_batch_size > meta['num_images']:
         errors.append(f"--global_batch_size {args.global_batch_size} is more than the {meta['num_images']} images "
                       f"of --data")
+    if args.eval_every and not args.fid_ref:
+        errors.append("--eval_every needs --fid_ref REF.npz (ADM's VIRTUAL_imagenet256_labeled.npz, or your own "
+                      "from 'python fid.py IMAGES --save_stats REF.npz')")
+    if args.eval_every and args.eval_images < max(10, world_size):
+        errors.append(f"--eval_images {args.eval_images}: at least 10 (the IS splits) and one per process")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
@@ -163,6 +170,27 @@ def dry_run(model, args):
     for name, f in flops.items():
         print0(f"training FLOPs per image, {name:<10} {f / 1e9:10.2f} GFLOP")
     print0(f"training FLOPs per image, {'total':<10} {sum(flops.values()) / 1e9:10.2f} GFLOP")
+
+
+@torch.no_grad()
+def evaluate(ema, args, meta, tokenizer, inception, ref, device, rank, world_size, autocast):
+    """MAR's online evaluation: --eval_images images from the EMA weights (classes balanced, split over the
+    ranks, the same seeds at every evaluation), their Inception features gathered on rank 0, and FID, sFID, IS
+    (and precision/recall when the reference has images) against --fid_ref. Returns the metrics on rank 0."""
+    labels = (torch.arange(args.eval_images, device=device) % meta['num_classes'])[rank::world_size]
+    g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank)
+    feats = []
+    for b in range(0, len(labels), args.batch_size):
+        with autocast:
+            tokens = generate(ema.eval(), labels[b:b + args.batch_size], args.order, g, args.temperature)
+        images = tokenizer.decode(tokens.view(-1, meta['grid_size'], meta['grid_size'], *tokens.shape[2:]))
+        feats.append(fid.features(inception, images, device=device, resize=args.fid_resize))
+    feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, feats)
+        feats = {k: np.concatenate([p[k] for p in parts]) for k in feats}
+    return fid.metrics(feats, *ref, device=device) if rank == 0 else None
 
 
 def peak_memory(device):
@@ -279,6 +307,14 @@ def main(args):
         print0(f"resumed from {ckpt_path} at step {step}")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
+    if args.eval_every and not args.bench:  # the Inception, the reference and the decoder, before the first step
+        if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):
+            raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
+                             f"the tokens are gone; restore them or drop --eval_every")
+        inception = fid.load_inception(args.inception, device)
+        fid_ref = fid.load_reference(args.fid_ref, inception, device=device, resize=args.fid_resize) \
+            if master else None
+        eval_tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
     raw_model = model  # checkpoints hold the unwrapped, uncompiled module
     if args.compile:
         model = torch.compile(model)
@@ -318,6 +354,17 @@ def main(args):
                 save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
                                      optimizer=optimizer.state_dict(), step=step, args=vars(args), config=config,
                                      data_meta=meta), args.out_dir, args.keep_last)
+        if args.eval_every and not args.bench and step > first_step and (step % args.eval_every == 0
+                                                                         or step == args.max_steps):
+            t_e = time.time()
+            metrics = evaluate(ema, args, meta, eval_tokenizer, inception, fid_ref, device, rank, world_size,
+                               autocast)
+            if master:
+                print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                       f" ({args.eval_images} EMA samples vs {args.fid_ref}, {time.time() - t_e:.0f}s)")
+                with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
+                    f.write(json.dumps(dict(step=step, eval_images=args.eval_images, **metrics)) + '\n')
+            t0 += time.time() - t_e  # the next log line times training steps only
         if args.bench and step == bench_start:
             if device_type == 'cuda':
                 torch.cuda.synchronize()
@@ -433,6 +480,12 @@ def get_parser():
     # sampling at the end of training
     parser.add_argument('--num_samples', type=int, default=40, help='images in out_dir/samples.png (0: none)')
     parser.add_argument('--temperature', type=float, default=1.0)
+    # online evaluation (MAR's): FID/IS of EMA samples every --eval_every steps and at the end
+    parser.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: none)')
+    parser.add_argument('--fid_ref', default=None, help="reference batch .npz (fid.py's layout) or image set")
+    parser.add_argument('--eval_images', type=int, default=5000, help='samples per evaluation (the paper: 50000)')
+    parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
+    parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
     # system
     parser.add_argument('--out_dir', default='out')
     parser.add_argument('--resume', action='store_true', help='continue from out_dir/ckpt.pt')
