@@ -206,17 +206,20 @@ def sampling_flops(model, num_steps, diffusion_steps, cfg):
     return flops * (2 if cfg != 1.0 else 1)
 
 
+def init_distributed(device=None):
+    """(ddp, rank, world_size, device): under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU
+    with NCCL, or per CPU process with gloo; otherwise a single process on `device` (default: cuda if any)."""
+    if 'RANK' not in os.environ:
+        return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
 def main(args):
-    ddp = 'RANK' in os.environ
-    if ddp:
-        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
-        if device.startswith('cuda'):
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    ddp, rank, world_size, device = init_distributed(args.device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
     ckpt = load_checkpoint(args.ckpt, device)
     model = Heptapod(**ckpt['config']).to(device).eval()

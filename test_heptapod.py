@@ -334,6 +334,13 @@ def test_shapes_dataset_is_deterministic_and_class_structured():
     assert (fg[la == 7].float().mean(0) - fg[la == 8].float().mean(0)).abs().max() > 0.5
 
 
+@pytest.mark.parametrize('size', [16, 32])  # the pixel and the pixel_patch data
+def test_every_shapes_image_is_its_own_mirror(size):
+    # training sees each image or its mirror (as MAR): a class whose mirror differed would be two modes
+    images, _ = tokenizers.make_shapes(50, size=size, seed=0)
+    assert torch.equal(images, images.flip(2))
+
+
 def make_image_folder(root, per_class=3):
     for c in ('cats', 'dogs'):
         os.makedirs(root / c)
@@ -866,23 +873,29 @@ def test_vae_latents_are_sampled_afresh_from_the_cached_moments():
 # -----------------------------------------------------------------------------
 # training at scale: DDP, accumulation, checkpoints, logs, bench
 
-def ddp_worker(rank, world_size, port, argv):
+def ddp_worker(rank, world_size, port, script, argv):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train.main(train.get_parser().parse_args(argv))
+    script = {'train': train, 'sample': sample}[script]  # by name: spawn pickles the arguments
+    script.main(script.get_parser().parse_args(argv))
+
+
+def run_two_processes(script, argv):
+    """script.main(argv) in 2 gloo processes, as torchrun --nproc_per_node=2 runs it."""
+    import socket
+    with socket.socket() as s:  # a free port on this machine for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_worker, args=(2, port, script, argv), nprocs=2)
 
 
 def test_two_process_gloo_run_reaches_the_parameters_of_one_process_with_the_same_global_batch(tmp_path):
-    import socket
     flags = ['--batch_size', '2', '--global_batch_size', '4', '--max_steps', '3']
     one = run_train(tmp_path / 'one', *flags)  # 1 process: 2 accumulation steps of 2 images
-    with socket.socket() as s:  # a free port on this machine for the gloo rendezvous
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     argv = ['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--num_samples', '0', '--log_interval', '1',
             '--out_dir', str(tmp_path / 'two'), *flags]
-    torch.multiprocessing.spawn(ddp_worker, args=(2, port, argv), nprocs=2)  # 2 processes of 2 images
+    run_two_processes('train', argv)  # 2 processes of 2 images
     two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
     assert two['step'] == one['step'] == 3
     for name, p in one['model'].items():
@@ -1102,23 +1115,11 @@ def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(tmp_pa
     assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], first)  # the same images: per-batch seeds
 
 
-def ddp_sample_worker(rank, world_size, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    sample.main(sample.get_parser().parse_args(argv))
-
-
 def test_two_process_sampling_writes_the_images_of_one_process(tmp_path):
-    import socket
     run_train(tmp_path, '--max_steps', '1')
     argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '6', '--batch_size', '2', '--num_steps', '16']
     sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'one.npz')]))
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ddp_sample_worker, args=(2, port, argv + ['--out', str(tmp_path / 'two.npz')]),
-                                nprocs=2)
+    run_two_processes('sample', argv + ['--out', str(tmp_path / 'two.npz')])
     one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
     assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
 

@@ -443,8 +443,8 @@ def shape_masks(kind, cx, cy, r, size):
         return inside & (((dx - dy).abs() <= arm) | ((dx + dy).abs() <= arm))
     if kind == 'h_stripes':
         return ((y // 2) % 2 == 0).expand_as(d2).clone()
-    if kind == 'v_stripes':
-        return ((x // 2) % 2 == 0).expand_as(d2).clone()
+    if kind == 'v_stripes':  # columns 1-2, 5-6, ...: the mirror image (which training also sees) is the same
+        return (((x + 0.5) // 2) % 2 == 1).expand_as(d2).clone()
     if kind == 'diamond':
         return dx.abs() + dy.abs() <= r
     raise ValueError(kind)

@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
-from sample import PEAK_TFLOPS, generate, peak_flops, save_grid
+from sample import PEAK_TFLOPS, generate, init_distributed, peak_flops, save_grid
 from tokenizers import TOKENIZERS, load_dataset, make_tokenizer, token_meta
+
 
 def print0(*a, **kw):
     if int(os.environ.get('RANK', 0)) == 0:
@@ -219,16 +220,7 @@ def save_checkpoint(ckpt, out_dir, keep_last):
 
 def main(args):
     # --- DDP or single process (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) ---
-    ddp = 'RANK' in os.environ
-    if ddp:
-        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
-        rank, local_rank, world_size = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
-        device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
-        if device.startswith('cuda'):
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    ddp, rank, world_size, device = init_distributed(args.device)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what runs in fp32 outside autocast
@@ -319,7 +311,7 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
     # --- training loop ---
     pool = ThreadPoolExecutor(1)  # reads the next batch from the cache while this step runs
