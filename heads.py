@@ -11,10 +11,12 @@ tokens at the positions not yet seen, from the causal states h_0..h_t (h_0 is th
   that holds the next position cross-attend to h_0..h_t, then self-attend within the chunk. One extra
   attention block per layer compared with the global head.
 
-Either way a linear classifier with cross-entropy scores the positions not yet seen (Sec. 3: discrete
-tokens). Supervision density n (`--density`, Sec. 5.3/5.5): n prefix lengths per sequence, run as one
-batched head call. The 1D baselines of Table 1 (`--head linear`) have no head: each causal state
-predicts the single next token through the classifier, as a language model does.
+Either way a token head scores the positions not yet seen: a linear classifier with cross-entropy for
+discrete (VQ) tokens, or MAR's diffusion MLP conditioned on the head's output for continuous (VAE) tokens.
+Supervision density n (`--density`, Sec. 5.3/5.5): n prefix lengths per sequence, run as one batched head
+call. The 1D baselines of Table 1 (`--head linear`) have no head: each causal state predicts the single
+next token through the token head, as a language model does; next-patch prediction (NPP) is one more
+1D loss, Heptapod.npp_loss.
 """
 import math
 
@@ -133,13 +135,18 @@ class LinearClassifier(nn.Module):
         logits = self.linear(z).float()  # (..., V)
         return F.cross_entropy(logits.flatten(0, -2), targets.masked_fill(~scored, -1).flatten(), ignore_index=-1)
 
-    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
-        """One token per row of z (B, C); with cfg != 1, z is (2B, C), the 'no class' rows second, and the
-        logits are mixed: uncond + cfg * (cond - uncond)."""
-        logits = self.linear(z).float() / temperature  # (B, V)
+    def logits(self, z, cfg=1.0):
+        """(..., V) logits of z (..., C); with cfg != 1, z holds the 'no class' rows as its second half, and the
+        result is the guided uncond + cfg * (cond - uncond) of the first half."""
+        logits = self.linear(z).float()
         if cfg != 1.0:
             cond, uncond = logits.chunk(2)
             logits = uncond + cfg * (cond - uncond)
+        return logits
+
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
+        """One token per row of z (B, C), or of its first half with CFG (see logits)."""
+        logits = self.logits(z, cfg) / temperature  # (B, V)
         if top_k:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -199,30 +206,34 @@ class DiffusionMLP(nn.Module):
         return self.final(self.final_norm(x) * (1 + scale) + shift)  # (M, 2D)
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(nn.Module):
     """DDPM with the cosine schedule over 1000 steps, epsilon prediction and a learned variance between
     the posterior's and beta_t (IDDPM, as in MAR's diffusion/). With num_sampling_steps < 1000 the chain
-    is respaced: it keeps evenly spaced timesteps and recomputes betas from their alpha_bar."""
+    is respaced: it keeps evenly spaced timesteps and recomputes betas from their alpha_bar. The float64
+    tables are buffers, so they move with the model; they are not saved (they follow from the arguments)."""
 
     def __init__(self, num_sampling_steps=1000, num_steps=1000):
+        super().__init__()
         s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # Nichol & Dhariwal, Eq. 17
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         # respacing (IDDPM respace.py): round(k (T-1) / (S-1)) for k = 0..S-1, both ends kept
-        self.timesteps = torch.round(torch.arange(num_sampling_steps, dtype=torch.float64)
-                                     * (num_steps - 1) / max(num_sampling_steps - 1, 1)).long()
-        ac = alphas_cumprod[self.timesteps]
+        timesteps = torch.round(torch.arange(num_sampling_steps, dtype=torch.float64)
+                                * (num_steps - 1) / max(num_sampling_steps - 1, 1)).long()
+        ac = alphas_cumprod[timesteps]
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        self.betas = 1 - ac / ac_prev
-        self.alphas_cumprod, self.alphas_cumprod_prev = ac, ac_prev
-        posterior_var = self.betas * (1 - ac_prev) / (1 - ac)
-        self.posterior_log_var = torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]]))  # clipped at t=0
-        self.posterior_coef_x0 = self.betas * ac_prev.sqrt() / (1 - ac)
-        self.posterior_coef_xt = (1 - ac_prev) * (1 - self.betas).sqrt() / (1 - ac)
+        betas = 1 - ac / ac_prev
+        posterior_var = betas * (1 - ac_prev) / (1 - ac)
+        tables = dict(timesteps=timesteps, betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+                      posterior_log_var=torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),  # clipped at t=0
+                      posterior_coef_x0=betas * ac_prev.sqrt() / (1 - ac),
+                      posterior_coef_xt=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
 
     def _at(self, a, i):
-        return a.to(i.device)[i].float()[:, None]  # (M, 1)
+        return a[i].float()[:, None]  # (M, 1)
 
     def q_sample(self, x0, i, noise):
         return self._at(self.alphas_cumprod.sqrt(), i) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), i) * noise
@@ -250,7 +261,7 @@ class GaussianDiffusion:
         i = torch.randint(len(self.timesteps), (len(x0),), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         x_t = self.q_sample(x0, i, noise)
-        eps, v = net(x_t, self.timesteps.to(i.device)[i], z).float().chunk(2, dim=-1)
+        eps, v = net(x_t, self.timesteps[i], z).float().chunk(2, dim=-1)
         mse = ((noise - eps) ** 2).mean(-1)
         mean, logvar = self.p_mean_logvar(eps.detach(), v, x_t, i)
         true_mean, true_logvar = self.posterior(x0, x_t, i)
@@ -270,7 +281,7 @@ class GaussianDiffusion:
         x = torch.randn(B, net.final.out_features // 2, generator=generator, device=z.device)  # (B, D)
         for k in reversed(range(len(self.timesteps))):
             i = torch.full((B,), k, device=z.device)
-            out = net(x.repeat(len(z) // B, 1), self.timesteps.to(z.device)[i].repeat(len(z) // B), z).float()
+            out = net(x.repeat(len(z) // B, 1), self.timesteps[i].repeat(len(z) // B), z).float()
             eps, v = out[:B].chunk(2, dim=-1)
             if cfg != 1.0:
                 eps = out[B:, :eps.size(1)] + cfg * (eps - out[B:, :eps.size(1)])
@@ -314,6 +325,11 @@ class DiffusionLoss(nn.Module):
 
     def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
         return self.sample_diffusion.sample(self.net, z, generator, temperature, cfg, self.clip_denoised)
+
+
+def linear_flops(module):
+    """FLOPs of one row through every nn.Linear of module: 2 per weight (a multiply and an add)."""
+    return 2 * sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def sample_prefix_lens(batch_size, density, N, generator):
@@ -376,6 +392,7 @@ class Heptapod(nn.Module):
             z, positions, seen = self.head(h, orders, prefix_lens)  # (B*n, P, C), (B*n, P), (B*n, P)
             targets, scored = take(idx.repeat_interleave(prefix_lens.size(1), 0), positions), ~seen
         return self.token_head.loss(z, targets, scored, generator)
+
     def npp_loss(self, idx, labels, p):
         """Next-patch prediction (NPP Sec. 3.2), for the 1D raster model: each p x p patch is one input, the
         mean of its token embeddings (Eq. 2), at the position of its patch-grid coordinates (NPP keeps the
@@ -410,6 +427,5 @@ class Heptapod(nn.Module):
             w = self.head.window
             per_layer = density * (24 * w * C ** 2 + 4 * w * w * C + 8 * w * C ** 2 + 4 * w * N * C) + 4 * N * C ** 2
             head, outputs = len(self.head.blocks) * per_layer, density * w
-        linear = sum(m.weight.numel() for m in self.token_head.modules() if isinstance(m, nn.Linear))
         rows = outputs * (DiffusionLoss.repeats if isinstance(self.token_head, DiffusionLoss) else 1)
-        return {'backbone': 3 * backbone, 'head': 3 * head, 'token head': 3 * 2 * linear * rows}
+        return {'backbone': 3 * backbone, 'head': 3 * head, 'token head': 3 * linear_flops(self.token_head) * rows}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from heads import Heptapod, take
+from heads import GaussianDiffusion, GlobalHead, Heptapod, linear_flops, take
 from model import make_orders
 from tokenizers import center_crop_arr, make_tokenizer
 
@@ -83,15 +83,17 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
     B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']
     dev = labels.device
     one_d = model.head is None  # the 1D baselines predict the single next token (Table 1)
+    whole_grid = isinstance(model.head, GlobalHead)  # the local head predicts only the next position's chunk
     keep = None if prefix is None else prefix[1].to(dev)
     K = 0 if keep is None else int(keep.sum(1)[0])
     sizes = step_schedule(N - K, num_steps or N - K)
-    position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
-    if (one_d or not hasattr(model.head, 'mask_token')) and max(sizes) > 1:
+    training_order = 'raster' if order in ('raster', 'rar') else 'random'
+    position_order = position_order or training_order
+    if not whole_grid and max(sizes) > 1:
         raise SystemExit("error: the 1D and local-head models predict one next position: use --num_steps N")
-    if position_order == 'confidence' and (one_d or D or not hasattr(model.head, 'mask_token')):
+    if position_order == 'confidence' and (not whole_grid or D):
         raise SystemExit("error: --position_order confidence needs the global head and discrete tokens")
-    if one_d and position_order != ('raster' if order in ('raster', 'rar') else 'random'):
+    if one_d and position_order != training_order:
         raise SystemExit(f"error: a 1D model samples in its training order ({order})")
     if keep is not None and keep.sum(1).ne(K).any():
         raise SystemExit("error: every image must keep the same number of tokens")
@@ -128,10 +130,7 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
             else:  # the head predicts the positions left (global: all of them, local: the chunk of the next)
                 z, positions, seen = model.head(h_steps, orders, torch.full((M, 1), t, device=dev))
                 if position_order == 'confidence':  # the k positions whose best token is most likely
-                    logits = model.token_head.linear(z).float()  # (M, N, V)
-                    if cfg != 1.0:
-                        cond, uncond = logits.chunk(2)
-                        logits = uncond + cfg * (cond - uncond)
+                    logits = model.token_head.logits(z, cfg)  # (B, N, V)
                     conf = logits.log_softmax(-1).amax(-1).masked_fill(seen[:B], -math.inf)  # (B, N)
                     chosen = conf.topk(k, dim=1).indices.repeat(M // B, 1)  # (M, k)
                     rest = orders[:, t:]  # the positions left, the chosen ones moved to the front
@@ -152,6 +151,11 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
     finally:
         t_model.clear_cache()
     return tokens[:B]
+
+
+def decode(tokenizer, tokens, grid_size):
+    """uint8 images (B, H, W, 3) of generated tokens (B, N[, D]) in raster layout."""
+    return tokenizer.decode(tokens.view(len(tokens), grid_size, grid_size, *tokens.shape[2:]))
 
 
 def save_grid(images, path, ncol):
@@ -197,12 +201,10 @@ def sampling_flops(model, num_steps, diffusion_steps, cfg):
     """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the
     head once per step over the whole grid (global) or the next chunk (local), the token head once per
     token (the diffusion MLP: diffusion_steps times); doubled with CFG."""
-    C, L, N = model.config['n_embd'], model.config['n_layer'], model.grid_size ** 2
-    flops = L * (24 * N * C ** 2 + 2 * N * N * C)  # as in training, forward only
-    if model.head is not None:  # the training FLOPs of one prefix, forward only, per step
-        flops += num_steps * model.flops_per_image(1)['head'] / 3
-    linear = sum(m.weight.numel() for m in model.token_head.modules() if isinstance(m, torch.nn.Linear))
-    flops += N * 2 * linear * (diffusion_steps if model.config['token_dim'] else 1)
+    train = model.flops_per_image(1)  # forward + backward for one prefix: a third of it is the forward
+    flops = train['backbone'] / 3 + num_steps * train['head'] / 3
+    per_token = linear_flops(model.token_head) * (diffusion_steps if model.config['token_dim'] else 1)
+    flops += model.grid_size ** 2 * per_token
     return flops * (2 if cfg != 1.0 else 1)
 
 
@@ -225,7 +227,7 @@ def main(args):
     model = Heptapod(**ckpt['config']).to(device).eval()
     model.load_state_dict(ckpt['ema' if args.ema else 'model'])
     if model.config['token_dim']:
-        model.token_head.sample_diffusion = type(model.token_head.sample_diffusion)(args.diffusion_steps)
+        model.token_head.sample_diffusion = GaussianDiffusion(args.diffusion_steps).to(device)
     if args.compile:  # the per-step work: the head over the grid and the cached decoding step
         model.head = torch.compile(model.head) if model.head is not None else None
         model.transformer.decode = torch.compile(model.transformer.decode)
@@ -242,7 +244,7 @@ def main(args):
         with autocast:
             tokens = generate(model, labels, order, g, args.temperature, args.top_k, args.cfg,
                               args.num_steps, args.position_order, p)
-        return tokenizer.decode(tokens.view(-1, model.grid_size, model.grid_size, *tokens.shape[2:])).cpu().numpy()
+        return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
 
     if args.bench:  # one batch to warm up, one timed
         labels = torch.arange(args.batch_size, device=device) % meta['num_classes']
@@ -264,7 +266,8 @@ def main(args):
     if args.labels == 'balanced':
         labels = torch.arange(args.num_images) % meta['num_classes']
     else:
-        labels = torch.randint(meta['num_classes'], (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
+        g = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(meta['num_classes'], (args.num_images,), generator=g)
     if args.class_label is not None:
         labels.fill_(args.class_label)
     root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out

@@ -512,6 +512,13 @@ def token_meta(tokenizer):
     return {'token_dim': tokenizer.token_dim, 'clip_denoised': tokenizer.clip_denoised}
 
 
+def encode_with_mirror(tokenizer, images):
+    """What the cache keeps of uint8 images (B, H, W, 3) and of their horizontal mirrors, (B, 2, h, w[, D]):
+    MAR caches both and training picks one at random. One encoder call for the two."""
+    both = tokenizer.encode(torch.cat([images, images.flip(2)]))  # the images, then their mirrors
+    return torch.stack(both.chunk(2), dim=1)
+
+
 def cache_array(tokens):
     """Tokens as stored: ids as uint16 (vocabularies up to 65536), vectors and VAE moments as float16."""
     return tokens.cpu().numpy().astype(np.uint16 if tokens.dtype == torch.long else np.float16)
@@ -570,8 +577,7 @@ def cache(args):
             batch = [b for b in batch if b[0] is not None]
             if batch:
                 images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
-                both = tokenizer.encode(torch.cat([images, images.flip(2)]))  # the images, then their mirrors
-                tokens.append(cache_array(torch.stack(both.chunk(2), dim=1)))  # (B, 2, h, w[, D])
+                tokens.append(cache_array(encode_with_mirror(tokenizer, images)))  # (B, 2, h, w[, D])
                 kept += [b[1] for b in batch]
             done += len(batch)
             if i % 20 == 0 or i == len(loader) - 1:
@@ -627,7 +633,7 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
         tok = TOKENIZERS[tokenizer]()
         image_size = 16 * DOWNSAMPLING[tokenizer]
         images, labels = make_shapes(num_images, size=image_size, seed=seed)
-        tokens = torch.stack([tok.encode(images), tok.encode(images.flip(2))], dim=1)  # (M, 2, h, w[, D])
+        tokens = encode_with_mirror(tok, images)  # (M, 2, h, w[, D])
         meta = dict(tokenizer=tokenizer, image_size=image_size, grid_size=16, num_classes=len(SHAPE_CLASSES),
                     classes=SHAPE_CLASSES, **token_meta(tok))
         return cache_array(tokens), labels.numpy(), meta

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
-from sample import PEAK_TFLOPS, generate, init_distributed, peak_flops, save_grid
+from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
 from tokenizers import TOKENIZERS, load_dataset, make_tokenizer, token_meta
 
 
@@ -184,7 +184,7 @@ def evaluate(ema, args, meta, tokenizer, inception, ref, device, rank, world_siz
     for b in range(0, len(labels), args.batch_size):
         with autocast:
             tokens = generate(ema.eval(), labels[b:b + args.batch_size], args.order, g, args.temperature)
-        images = tokenizer.decode(tokens.view(-1, meta['grid_size'], meta['grid_size'], *tokens.shape[2:]))
+        images = decode(tokenizer, tokens, meta['grid_size'])
         feats.append(fid.features(inception, images, device=device, resize=args.fid_resize))
     feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
     if world_size > 1:
@@ -265,8 +265,9 @@ def main(args):
     ema = Heptapod(**config).to(device).requires_grad_(False)  # fp32, like the weights it averages
     ema.load_state_dict(model.state_dict())
     # no weight decay on vectors and on the diffusion MLP (MAR's add_weight_decay)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith('token_head.net')]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith('token_head.net')]
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or n.startswith('token_head.net') else decay).append(p)
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
                                    {'params': no_decay, 'weight_decay': 0.0}],
                                   lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == 'cuda')
@@ -299,14 +300,20 @@ def main(args):
         print0(f"resumed from {ckpt_path} at step {step}")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-    if args.eval_every and not args.bench:  # the Inception, the reference and the decoder, before the first step
-        if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):
-            raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
-                             f"the tokens are gone; restore them or drop --eval_every")
+    # what turns samples into images (samples.png, --eval_every) and scores them, before the first step
+    tokenizer = None
+    if not args.bench and (args.eval_every or (master and args.num_samples > 0)):
+        if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):  # vq/vae weights the cache was made with
+            if args.eval_every:
+                raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
+                                 f"the tokens are gone; restore them or drop --eval_every")
+            print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
+        else:
+            tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
+    if args.eval_every and not args.bench:
         inception = fid.load_inception(args.inception, device)
         fid_ref = fid.load_reference(args.fid_ref, inception, device=device, resize=args.fid_resize) \
             if master else None
-        eval_tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
     raw_model = model  # checkpoints hold the unwrapped, uncompiled module
     if args.compile:
         model = torch.compile(model)
@@ -314,8 +321,12 @@ def main(args):
         model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
     # --- training loop ---
+    def load_batch(s):  # runs in the prefetch thread: read the rows of step s and pin them for the copy to GPU
+        x, y = get_batch(tokens, labels, s, args, rank, accum)
+        return (x.pin_memory(), y.pin_memory()) if device_type == 'cuda' else (x, y)
+
     pool = ThreadPoolExecutor(1)  # reads the next batch from the cache while this step runs
-    next_batch = pool.submit(get_batch, tokens, labels, step, args, rank, accum)
+    next_batch = pool.submit(load_batch, step)
     bench_start = step + args.bench_warmup
     first_step = step
     t0, last_log = time.time(), step
@@ -349,8 +360,7 @@ def main(args):
         if args.eval_every and not args.bench and step > first_step and (step % args.eval_every == 0
                                                                          or step == args.max_steps):
             t_e = time.time()
-            metrics = evaluate(ema, args, meta, eval_tokenizer, inception, fid_ref, device, rank, world_size,
-                               autocast)
+            metrics = evaluate(ema, args, meta, tokenizer, inception, fid_ref, device, rank, world_size, autocast)
             if master:
                 print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
                        f" ({args.eval_images} EMA samples vs {args.fid_ref}, {time.time() - t_e:.0f}s)")
@@ -376,9 +386,7 @@ def main(args):
 
         # the step: accum micro-batches, gradients averaged over all of them and all ranks
         cached, labels_b = next_batch.result()
-        next_batch = pool.submit(get_batch, tokens, labels, step + 1, args, rank, accum)
-        if device_type == 'cuda':
-            cached, labels_b = cached.pin_memory(), labels_b.pin_memory()
+        next_batch = pool.submit(load_batch, step + 1)
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -409,21 +417,17 @@ def main(args):
     pool.shutdown(wait=False, cancel_futures=True)
 
     # --- a grid of samples from the EMA weights, one column per class ---
-    if master and args.num_samples > 0 and not args.bench:
-        if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):
-            print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
-        else:
-            g = torch.Generator(device).manual_seed(args.seed)
-            num_classes = meta['num_classes']
-            y = torch.arange(args.num_samples, device=device) % num_classes
-            t_s = time.time()
-            out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
-            dt = time.time() - t_s
-            tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
-            images = tokenizer.decode(out.view(-1, meta['grid_size'], meta['grid_size'], *out.shape[2:]))
-            save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
-            print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
-                   f"wrote {args.out_dir}/samples.png and {ckpt_path}")
+    if master and args.num_samples > 0 and tokenizer is not None:
+        g = torch.Generator(device).manual_seed(args.seed)
+        num_classes = meta['num_classes']
+        y = torch.arange(args.num_samples, device=device) % num_classes
+        t_s = time.time()
+        out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
+        dt = time.time() - t_s
+        images = decode(tokenizer, out, meta['grid_size'])
+        save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
+        print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
+               f"wrote {args.out_dir}/samples.png and {ckpt_path}")
     if ddp:
         dist.destroy_process_group()
 
