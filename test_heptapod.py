@@ -8,6 +8,9 @@ import math
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1440,3 +1443,56 @@ def test_online_evaluation_without_the_inception_weights_fails_before_training(t
         run_train(tmp_path, '--max_steps', '1', '--eval_every', '1', '--fid_ref', str(tmp_path / 'ref.npz'),
                   '--inception', str(tmp_path / 'missing.pth'))
     assert '\n' not in str(e.value) and not (tmp_path / 'ckpt.pt').exists()
+
+
+# -----------------------------------------------------------------------------
+# every bad input a new user hit: one `error:` line, and nothing written before is changed or deleted
+
+COMMANDS = {'train': (train.get_parser, train.main), 'sample': (sample.get_parser, sample.main),
+            'tokenizers': (tokenizers.get_parser, tokenizers.cache), 'fid': (fid.get_parser, fid.main)}
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    """What a user has on disk before the bad command: an image folder, its cache, a trained run, samples."""
+    root = tmp_path_factory.mktemp('workspace')
+    make_image_folder(root / 'images')
+    tokenizers.cache(argparse_cache(root / 'images', root / 'cache'))
+    run_train(root / 'run', '--max_steps', '2')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(root / 'run' / 'ckpt.pt'), '--num_images', '2',
+                                                '--batch_size', '2', '--out', str(root / 'samples')]))
+    return root
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
+
+
+# (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
+BAD_INPUTS = [
+    ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+]
+
+
+@pytest.mark.parametrize('command,argv,setup,match', BAD_INPUTS, ids=[f'{c} {a}' for c, a, _, _ in BAD_INPUTS])
+def test_bad_input_fails_in_one_error_line_and_changes_nothing_on_disk(command, argv, setup, match, workspace,
+                                                                       tmp_path):
+    ws = tmp_path / 'ws'
+    shutil.copytree(workspace, ws)
+    if setup is not None:
+        setup(ws)
+    before = snapshot(ws)
+    get_parser, main = COMMANDS[command]
+    with pytest.raises(SystemExit) as e:  # any other exception would be a traceback for the user
+        main(get_parser().parse_args(shlex.split(argv.format(ws=ws))))
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message and match in message, message
+    assert snapshot(ws) == before
+
+
+def test_a_refused_command_prints_one_error_line_and_no_traceback(tmp_path):
+    run = subprocess.run([sys.executable, 'train.py', '--density', '300', '--out_dir', str(tmp_path)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert run.returncode != 0 and 'Traceback' not in run.stderr
+    assert [line for line in run.stderr.splitlines() if line.strip()] == [run.stderr.strip()]
+    assert run.stderr.startswith('error: ') and not os.listdir(tmp_path)
