@@ -623,9 +623,37 @@ class TokenCache:
         return np.concatenate([self.shards[k][rows[shard == k] - self.offsets[k]] for k in np.unique(shard)])
 
 
+class RandomTokens:
+    """A stand-in for an ImageNet token cache: random tokens in the cache's layout (2, 16, 16[, D]) for any row,
+    drawn from the row index, so that --bench and --dry_run run the paper's shapes without reading data."""
+
+    num_images, num_classes, grid_size = 1281167, 1000, 16  # ImageNet-1k train, 256x256 images as 16x16 tokens
+
+    def __init__(self, tokenizer):
+        tok = TOKENIZERS[tokenizer] if tokenizer in ('vq', 'vae') else TOKENIZERS[tokenizer]()  # vq/vae: no weights
+        self.meta = dict(tokenizer=tokenizer, image_size=self.grid_size * DOWNSAMPLING[tokenizer],
+                         grid_size=self.grid_size, num_classes=self.num_classes,
+                         classes=[str(k) for k in range(self.num_classes)], **token_meta(tok))
+        dim = self.meta.get('token_dim', 0) * (2 if tokenizer == 'vae' else 1)  # the VAE cache keeps mean and logvar
+        self.shape = (2, self.grid_size, self.grid_size) + ((dim,) if dim else ())
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, rows):
+        rng = np.random.default_rng(int(rows[0]))
+        if 'vocab_size' in self.meta:
+            return rng.integers(self.meta['vocab_size'], size=(len(rows), *self.shape), dtype=np.uint16)
+        return rng.standard_normal((len(rows), *self.shape), dtype=np.float32).astype(np.float16)
+
+
 def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
     """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
-    and its mirror, of the built-in data ('shapes', tokenized here) or of a cache directory."""
+    and its mirror, of the built-in data ('shapes', tokenized here), of random tokens of the paper's shapes
+    ('random', for --bench and --dry_run) or of a cache directory."""
+    if data == 'random':
+        tokens = RandomTokens(tokenizer)
+        return tokens, np.arange(len(tokens)) % tokens.num_classes, tokens.meta
     if data == 'shapes':  # drawn at the size that gives a 16x16 token grid
         if tokenizer not in ('pixel', 'pixel_patch'):
             raise SystemExit(f"error: --data shapes are drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "

@@ -34,7 +34,7 @@ import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
 from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
-from tokenizers import TOKENIZERS, load_dataset, make_tokenizer, token_meta
+from tokenizers import TOKENIZERS, load_dataset, make_tokenizer
 
 
 def print0(*a, **kw):
@@ -228,11 +228,9 @@ def main(args):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
 
     # --- data ---
-    if args.dry_run and args.data == 'shapes' and args.tokenizer in ('vq', 'vae'):  # the paper's data, unread
-        tokens, labels = None, np.zeros(1281167)  # ImageNet-1k train
-        meta = dict(tokenizer=args.tokenizer, grid_size=16, num_classes=1000, **token_meta(TOKENIZERS[args.tokenizer]))
-    else:
-        tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
+    if args.dry_run and args.data == 'shapes' and args.tokenizer in ('vq', 'vae'):
+        args.data = 'random'  # the paper's data shapes, unread
+    tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
     meta['num_images'] = len(labels)
     N = meta['grid_size'] ** 2
     args.window = args.window or N  # the global head's window is the whole grid
@@ -452,7 +450,9 @@ def get_parser():
                         help='NPP: patch levels #L (2: 2x2 then 1x1); 1 = off, plain next-token prediction')
     parser.add_argument('--npp_lambda', type=float, default=0.5, help='NPP: segment scheduling factor lambda')
     # data
-    parser.add_argument('--data', default='shapes', help="'shapes' (built-in) or a cache dir from tokenizers.py")
+    parser.add_argument('--data', default='shapes',
+                        help="'shapes' (built-in), a cache dir from tokenizers.py, or 'random': random tokens of the "
+                             "paper's shapes (ImageNet 16x16 tokens, 1000 classes) for --bench and --dry_run")
     parser.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
                         help='how the built-in images are tokenized; must match the tokens of a cache')
     # optimization
