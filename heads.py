@@ -129,11 +129,9 @@ class LinearClassifier(nn.Module):
         self.linear = nn.Linear(n_embd, vocab_size)
         init_weights(self, 1)
 
-    def loss(self, z, targets, scored, generator=None):
-        # z: (..., C); targets: (...) token ids; scored: (...) bool. The mean over the scored tokens,
-        # as MAR averages its loss over masked tokens
-        logits = self.linear(z).float()  # (..., V)
-        return F.cross_entropy(logits.flatten(0, -2), targets.masked_fill(~scored, -1).flatten(), ignore_index=-1)
+    def loss(self, z, targets, generator=None):
+        # z: (M, C) the head's output at the M scored positions; targets: (M,) their token ids
+        return F.cross_entropy(self.linear(z).float(), targets)  # the mean over the scored tokens
 
     def logits(self, z, cfg=1.0):
         """(..., V) logits of z (..., C); with cfg != 1, z holds the 'no class' rows as its second half, and the
@@ -255,11 +253,9 @@ class GaussianDiffusion(nn.Module):
         logvar = frac * self._at(self.betas.log(), i) + (1 - frac) * self._at(self.posterior_log_var, i)
         return self.posterior(x0, x_t, i)[0], logvar
 
-    def loss(self, net, x0, z, generator):
-        """Per-row loss (M,) of IDDPM's hybrid objective: MSE on the noise plus the variational bound, which
-        trains only the variance (the mean enters it detached); timesteps uniform, one per row."""
-        i = torch.randint(len(self.timesteps), (len(x0),), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    def loss(self, net, x0, z, i, noise):
+        """Per-row loss (M,) of IDDPM's hybrid objective at timestep indices i (M,) with noise (M, D): MSE on the
+        noise plus the variational bound, which trains only the variance (the mean enters it detached)."""
         x_t = self.q_sample(x0, i, noise)
         eps, v = net(x_t, self.timesteps[i], z).float().chunk(2, dim=-1)
         mse = ((noise - eps) ** 2).mean(-1)
@@ -316,12 +312,12 @@ class DiffusionLoss(nn.Module):
         self.train_diffusion = GaussianDiffusion(1000)
         self.sample_diffusion = GaussianDiffusion(num_sampling_steps)
 
-    def loss(self, z, targets, scored, generator):
-        # z: (..., C); targets: (..., D); scored: (...) bool -> mean over the scored tokens and repeats
-        z, targets, scored = z.flatten(0, -2), targets.flatten(0, -2), scored.flatten().float()
-        rows = self.train_diffusion.loss(self.net, targets.repeat(self.repeats, 1), z.repeat(self.repeats, 1),
-                                         generator)  # (repeats * M,)
-        return (rows * scored.repeat(self.repeats)).sum() / (scored.sum() * self.repeats)
+    def loss(self, z, targets, generator):
+        # z: (M, C) the head's output at the M scored positions; targets: (M, D) their tokens
+        x0, z = targets.repeat(self.repeats, 1), z.repeat(self.repeats, 1)  # (repeats * M, D), (repeats * M, C)
+        i = torch.randint(len(self.train_diffusion.timesteps), (len(x0),), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # a timestep and noise per row
+        return self.train_diffusion.loss(self.net, x0, z, i, noise).mean()  # over the scored tokens and repeats
 
     def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
         return self.sample_diffusion.sample(self.net, z, generator, temperature, cfg, self.clip_denoised)
@@ -384,14 +380,16 @@ class Heptapod(nn.Module):
         if patch_size > 1:
             return self.npp_loss(idx, labels, patch_size)
         seq = take(idx, orders)  # tokens in generation order
-        if self.head is None:  # 1D: h_t predicts the token at the next position orders[:, t]
+        if self.head is None:  # 1D: h_t predicts the token at the next position orders[:, t], every step scored
             h = self.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # (B, N, C)
-            z, targets, scored = h, seq, torch.ones_like(orders, dtype=torch.bool)
+            z, targets = h.flatten(0, 1), seq.flatten(0, 1)  # (B*N, C), (B*N[, D])
         else:  # 2D: h_0..h_t predict the positions not yet seen
             h = self.transformer(seq[:, :-1], labels, orders[:, :-1])  # (B, N, C)
             z, positions, seen = self.head(h, orders, prefix_lens)  # (B*n, P, C), (B*n, P), (B*n, P)
-            targets, scored = take(idx.repeat_interleave(prefix_lens.size(1), 0), positions), ~seen
-        return self.token_head.loss(z, targets, scored, generator)
+            targets = take(idx.repeat_interleave(prefix_lens.size(1), 0), positions)  # (B*n, P[, D])
+            # the token head runs only on the unseen positions, packed: (M, C), (M[, D]) with M = sum of (P - seen)
+            z, targets = z[~seen], targets[~seen]
+        return self.token_head.loss(z, targets, generator)
 
     def npp_loss(self, idx, labels, p):
         """Next-patch prediction (NPP Sec. 3.2), for the 1D raster model: each p x p patch is one input, the
@@ -414,18 +412,21 @@ class Heptapod(nn.Module):
         MLP 8C^2) and 4 T Tk C for attention over Tk keys (QK^T and AV), halved when causal.
         Backbone: T = N causal. Global head: n prefixes of T = N+1. Local head: n prefixes of w queries,
         each layer adding cross-attention (8 w C^2 + 4 w N C, keys projected once per image: 4 N C^2).
-        Token head: 2 x (its linear weights) for every position the head outputs (N per prefix, or w),
-        times 4 noised copies for the diffusion MLP, which runs on all of them (as MAR)."""
+        Token head: 2 x (its linear weights) for every scored position, times 4 noised copies for the diffusion
+        MLP: N for the 1D models, and the unseen positions of each prefix for the 2D heads, (w + 1) / 2 of the w
+        outputs on average (the prefix length t is uniform in [0, N): N - t unseen of the global head's N, and
+        1 + (w - 1)(N - 1 - t)/(N - 1) of the local head's chunk)."""
         C, L, N = self.config['n_embd'], self.config['n_layer'], self.grid_size ** 2
         backbone = L * (24 * N * C ** 2 + 2 * N * N * C)
         if self.head is None:
-            head, outputs = 0, N
+            head, scored = 0, N
         elif isinstance(self.head, GlobalHead):
             T = N + 1
-            head, outputs = density * len(self.head.blocks) * (24 * T * C ** 2 + 4 * T * T * C), density * N
+            head = density * len(self.head.blocks) * (24 * T * C ** 2 + 4 * T * T * C)
+            scored = density * (N + 1) / 2
         else:
             w = self.head.window
             per_layer = density * (24 * w * C ** 2 + 4 * w * w * C + 8 * w * C ** 2 + 4 * w * N * C) + 4 * N * C ** 2
-            head, outputs = len(self.head.blocks) * per_layer, density * w
-        rows = outputs * (DiffusionLoss.repeats if isinstance(self.token_head, DiffusionLoss) else 1)
+            head, scored = len(self.head.blocks) * per_layer, density * (w + 1) / 2
+        rows = scored * (DiffusionLoss.repeats if isinstance(self.token_head, DiffusionLoss) else 1)
         return {'backbone': 3 * backbone, 'head': 3 * head, 'token head': 3 * linear_flops(self.token_head) * rows}

@@ -23,7 +23,7 @@ import fid
 import sample
 import tokenizers
 import train
-from heads import Heptapod, sample_prefix_lens
+from heads import Heptapod, sample_prefix_lens, take
 from model import Transformer, make_orders
 from sample import generate
 
@@ -107,7 +107,7 @@ def test_kv_cache_decode_matches_full_forward(target_aware):
 # the global 2D head
 
 def head_outputs(model, idx, labels, orders, prefix_lens):
-    seq = idx.gather(1, orders)
+    seq = take(idx, orders)
     h = model.transformer(seq[:, :-1], labels, orders[:, :-1])
     return model.head(h, orders, prefix_lens)  # z, positions, seen
 
@@ -503,7 +503,7 @@ def test_diffusion_mlp_learns_a_conditional_two_mode_distribution():
     for _ in range(300):
         c, m = torch.randint(2, (256,), generator=g), torch.randint(2, (256,), generator=g)
         x = modes[c, m] + 0.05 * torch.randn(256, 2, generator=g)
-        loss = head.loss(cond_z[c], x, torch.ones(256, dtype=torch.bool), g)
+        loss = head.loss(cond_z[c], x, g)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -533,15 +533,25 @@ def test_sampler_given_the_true_noise_returns_the_clean_token(steps):
     torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
 
 
-def test_diffusion_loss_scores_only_the_given_positions():
-    from heads import DiffusionLoss
-    head = DiffusionLoss(token_dim=4, n_embd=8, width=16, depth=1)
-    z, x = torch.randn(3, 5, 8), torch.randn(3, 5, 4)
-    scored = torch.rand(3, 5) < 0.5
-    loss = head.loss(z, x, scored, torch.Generator().manual_seed(0))
-    x2 = torch.where(scored[..., None], x, torch.randn(3, 5, 4))  # other targets where not scored
-    assert loss == head.loss(z, x2, scored, torch.Generator().manual_seed(0))
-    assert loss != head.loss(z, x + 1, scored, torch.Generator().manual_seed(0))
+def test_packed_diffusion_loss_equals_the_masked_loss_over_every_position_with_the_same_draws():
+    # the diffusion MLP runs on the unseen positions only; given the same timestep and noise at each of them, that
+    # is the loss of running it on every position of every prefix (4 noised copies each) and masking, as MAR does
+    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
+    g = torch.Generator().manual_seed(0)
+    idx, labels = torch.rand(3, N, 12) * 2 - 1, torch.tensor([1, 2, 3])
+    orders, prefix_lens = make_orders(3, N, 'random', g), sample_prefix_lens(3, 2, N, g)
+    packed = model(idx, labels, orders, prefix_lens, torch.Generator().manual_seed(1))
+    z, positions, seen = head_outputs(model, idx, labels, orders, prefix_lens)  # (6, N, C), (6, N), (6, N)
+    scored = (~seen).flatten().repeat(4)  # (4 * 6 * N,) the rows the masked loss keeps
+    draws, M = torch.Generator().manual_seed(1), int(scored.sum())
+    i, noise = torch.zeros(len(scored), dtype=torch.long), torch.zeros(len(scored), 12)
+    i[scored] = torch.randint(1000, (M,), generator=draws)  # the packed path's draws, in its row order
+    noise[scored] = torch.randn(M, 12, generator=draws)
+    x0 = take(idx.repeat_interleave(2, 0), positions).flatten(0, 1).repeat(4, 1)  # (4 * 6 * N, 12)
+    diffusion = model.token_head
+    rows = diffusion.train_diffusion.loss(diffusion.net, x0, z.flatten(0, 1).repeat(4, 1), i, noise)
+    masked = (rows * scored).sum() / scored.sum()
+    torch.testing.assert_close(packed, masked)
 
 
 def test_continuous_model_passes_exactly_the_unseen_positions_to_the_diffusion_loss(monkeypatch):
@@ -549,17 +559,17 @@ def test_continuous_model_passes_exactly_the_unseen_positions_to_the_diffusion_l
     captured = {}
     real_loss = type(model.token_head).loss
 
-    def spy(self, z, targets, scored, generator):
-        captured.update(z=z, targets=targets, scored=scored)
-        return real_loss(self, z, targets, scored, generator)
+    def spy(self, z, targets, generator):
+        captured.update(z=z, targets=targets)
+        return real_loss(self, z, targets, generator)
     monkeypatch.setattr(type(model.token_head), 'loss', spy)
     g = torch.Generator().manual_seed(0)
     idx, labels = torch.rand(2, N, 12) * 2 - 1, torch.tensor([1, 2])
     orders, prefix_lens = make_orders(2, N, 'random', g), torch.tensor([[5], [40]])
     model(idx, labels, orders, prefix_lens, g)
-    rank = orders.argsort(1)
-    assert torch.equal(captured['scored'], rank >= prefix_lens)
-    torch.testing.assert_close(captured['targets'], idx)
+    unseen = orders.argsort(1) >= prefix_lens  # (2, N) the positions not among the first 5 and 40 read
+    assert captured['z'].shape == (N - 5 + N - 40, 32)  # packed: the unseen positions only
+    torch.testing.assert_close(captured['targets'], idx[unseen])
 
 
 def test_continuous_kv_cache_sampling_equals_recomputing():
@@ -967,7 +977,7 @@ def test_target_aware_logits_score_their_own_labels_after_unpermuting():
     model = tiny_model('linear')
     idx, labels = fixed_batch(3)
     orders = make_orders(3, N, 'random', torch.Generator().manual_seed(0))
-    seq = idx.gather(1, orders)
+    seq = take(idx, orders)
     h = model.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # h[:, t] predicts orders[:, t]
     logits = model.token_head.linear(h)  # (3, N, V) in generation order
     grid_logits = logits.gather(1, orders.argsort(1)[..., None].expand_as(logits))  # un-permuted: raster layout
