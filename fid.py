@@ -14,6 +14,7 @@ one size. The weights are pytorch-fid's port of the TF graph, pt_inception-2015-
 from where pytorch-fid downloads it (--inception to point elsewhere).
 """
 import argparse
+import math
 import os
 from contextlib import contextmanager
 
@@ -338,6 +339,59 @@ def metrics(feats, ref, ref_pool=None, device='cpu'):
     if ref_pool is not None:
         out['precision'], out['recall'] = precision_recall(ref_pool, feats['pool'], device=device)
     return out
+
+# -----------------------------------------------------------------------------
+# Small images (the built-in shapes, pixel tokens, any small cache): a metric that needs no downloaded network.
+# Inception features mean little at 16x16 pixels, so the feature space is fit on the real training images
+# themselves: the top principal components of their pixels. Samples are compared with held-out real images.
+
+
+def pixels(images):
+    """uint8 images (N, H, W, 3) -> (N, H*W*3) float64 in [0, 1]."""
+    return np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255
+
+
+class SmallImageMetric:
+    """A Frechet distance in a fixed PCA space of pixels and a classifier's accuracy, both fit on real training
+    images only (numpy and scipy, seconds on a CPU). Called on samples (N, H, W, 3) and their class labels (N,):
+      fd: FD between the samples and the held-out real images, over the top `dim` principal components;
+      fd_floor: the FD of as many real training images: what a perfect model scores at this N (FD is biased
+        upwards at small N, so read fd against this floor, not against 0);
+      class_acc: how often a k-nearest-neighbour classifier of the real training images (in the same space)
+        names the class each sample was generated for; class_acc_real: its accuracy on the held-out images."""
+
+    def __init__(self, train_images, train_labels, ref_images, ref_labels, dim=64, k=5):
+        x = pixels(train_images)
+        self.mean = x.mean(0)
+        _, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))  # eigenvalues in ascending order
+        self.components = eigvec[:, ::-1][:, :dim]  # (H*W*3, dim) the top principal directions
+        self.train, self.train_labels, self.k = (x - self.mean) @ self.components, np.asarray(train_labels), k
+        ref = self.project(ref_images)  # (M, dim)
+        self.ref_stats = ref.mean(0), np.cov(ref, rowvar=False)
+        self.class_acc_real = float((self.classify(ref) == np.asarray(ref_labels)).mean())
+
+    def project(self, images):
+        return (pixels(images) - self.mean) @ self.components  # (N, dim)
+
+    def classify(self, f):
+        """The majority class of the k nearest training images of each row of f (N, dim); ties go to the lower class."""
+        sq = (self.train ** 2).sum(1)
+        votes = []
+        for part in np.array_split(f, math.ceil(len(f) / 1000)):  # (n, len(train)) distances at a time
+            d = (part ** 2).sum(1)[:, None] - 2 * part @ self.train.T + sq
+            nearest = self.train_labels[np.argpartition(d, self.k, axis=1)[:, :self.k]]  # (n, k)
+            votes.append([np.bincount(row).argmax() for row in nearest])
+        return np.concatenate(votes)
+
+    def __call__(self, images, labels):
+        if len(images) < 2:
+            raise ValueError(f"the small-image metric needs at least 2 images, got {len(images)}")
+        f = self.project(images)
+        real = self.train[np.random.default_rng(0).choice(len(self.train), min(len(f), len(self.train)), False)]
+        return dict(fd=frechet_distance(f.mean(0), np.cov(f, rowvar=False), *self.ref_stats),
+                    fd_floor=frechet_distance(real.mean(0), np.cov(real, rowvar=False), *self.ref_stats),
+                    class_acc=float((self.classify(f) == np.asarray(labels)).mean()),
+                    class_acc_real=self.class_acc_real)
 
 # -----------------------------------------------------------------------------
 # Image sets and reference batches

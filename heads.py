@@ -346,19 +346,23 @@ class Heptapod(nn.Module):
     (token_dim = D): D-dim vectors, a diffusion MLP of diffusion_width x diffusion_depth (MAR)."""
 
     def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, head='global', head_depth=None,
-                 window=None, token_dim=0, diffusion_width=None, diffusion_depth=None, clip_denoised=False):
+                 window=None, token_dim=0, diffusion_width=None, diffusion_depth=None, clip_denoised=False,
+                 target_position='shifted'):
         super().__init__()
+        # the 1D models are told where their next token is (Fig. 4 middle, or RAR's 'added'); the 2D ones never are
+        target_position = target_position if head == 'linear' else None
+        # the head has the backbone's width and, by default, its depth (Sec. 5.1, Table 4)
+        head_depth = (head_depth or n_layer) if head != 'linear' else None
+        # what the model is, read by train.py and sample.py (never from the class of a module that
+        # torch.compile or DDP may have wrapped) and saved in every checkpoint
         self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size, n_layer=n_layer,
                            n_embd=n_embd, n_head=n_head, head=head, head_depth=head_depth, window=window,
                            token_dim=token_dim, diffusion_width=diffusion_width, diffusion_depth=diffusion_depth,
-                           clip_denoised=clip_denoised)
+                           clip_denoised=clip_denoised, target_position=target_position)
         self.grid_size = grid_size
         self.num_classes = num_classes
-        # the 1D heads are told the next position (target-aware); the 2D heads never are (Fig. 4)
         self.transformer = Transformer(vocab_size, num_classes, grid_size, n_layer, n_embd, n_head,
-                                       target_aware=(head == 'linear'), token_dim=token_dim)
-        # the head has the backbone's width and, by default, its depth (Sec. 5.1, Table 4)
-        head_depth = head_depth or n_layer
+                                       target_position=target_position, token_dim=token_dim)
         if head == 'global':
             self.head = GlobalHead(grid_size, head_depth, n_embd, n_head)
         elif head == 'local':
@@ -380,7 +384,7 @@ class Heptapod(nn.Module):
         if patch_size > 1:
             return self.npp_loss(idx, labels, patch_size)
         seq = take(idx, orders)  # tokens in generation order
-        if self.head is None:  # 1D: h_t predicts the token at the next position orders[:, t], every step scored
+        if self.config['head'] == 'linear':  # 1D: h_t predicts the token at orders[:, t], every step scored
             h = self.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # (B, N, C)
             z, targets = h.flatten(0, 1), seq.flatten(0, 1)  # (B*N, C), (B*N[, D])
         else:  # 2D: h_0..h_t predict the positions not yet seen
@@ -400,7 +404,7 @@ class Heptapod(nn.Module):
         g = G // p
         emb = self.transformer.tok_emb(idx).view(B, g, p, g, p, C).mean(dim=(2, 4)).flatten(1, 2)  # (B, g*g, C)
         pos = (torch.arange(g, device=idx.device)[:, None] * G + torch.arange(g, device=idx.device)).flatten()
-        x = torch.cat([self.transformer.cls_emb(labels)[:, None], emb[:, :-1] + self.transformer.pos_emb(pos[:-1])], 1)
+        x = torch.cat([self.transformer.cls_emb(labels)[:, None], self.transformer.embed(emb[:, :-1], pos[:-1])], 1)
         h = self.transformer.run(x, pos.expand(B, -1), is_causal=True)  # (B, g*g, C), told the next patch
         codes = idx.view(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, g * g, p * p)  # each patch's codes
         logp = self.token_head.linear(h).float().log_softmax(dim=-1)  # (B, g*g, V)
@@ -416,17 +420,18 @@ class Heptapod(nn.Module):
         MLP: N for the 1D models, and the unseen positions of each prefix for the 2D heads, (w + 1) / 2 of the w
         outputs on average (the prefix length t is uniform in [0, N): N - t unseen of the global head's N, and
         1 + (w - 1)(N - 1 - t)/(N - 1) of the local head's chunk)."""
-        C, L, N = self.config['n_embd'], self.config['n_layer'], self.grid_size ** 2
+        cfg = self.config
+        C, L, N, kind = cfg['n_embd'], cfg['n_layer'], self.grid_size ** 2, cfg['head']
         backbone = L * (24 * N * C ** 2 + 2 * N * N * C)
-        if self.head is None:
+        if kind == 'linear':
             head, scored = 0, N
-        elif isinstance(self.head, GlobalHead):
+        elif kind == 'global':
             T = N + 1
-            head = density * len(self.head.blocks) * (24 * T * C ** 2 + 4 * T * T * C)
+            head = density * cfg['head_depth'] * (24 * T * C ** 2 + 4 * T * T * C)
             scored = density * (N + 1) / 2
         else:
-            w = self.head.window
+            w = cfg['window']
             per_layer = density * (24 * w * C ** 2 + 4 * w * w * C + 8 * w * C ** 2 + 4 * w * N * C) + 4 * N * C ** 2
-            head, scored = len(self.head.blocks) * per_layer, density * (w + 1) / 2
-        rows = scored * (DiffusionLoss.repeats if isinstance(self.token_head, DiffusionLoss) else 1)
+            head, scored = cfg['head_depth'] * per_layer, density * (w + 1) / 2
+        rows = scored * (DiffusionLoss.repeats if cfg['token_dim'] else 1)
         return {'backbone': 3 * backbone, 'head': 3 * head, 'token head': 3 * linear_flops(self.token_head) * rows}

@@ -7,9 +7,11 @@ the model is not told where the next token will be, Fig. 4 right). Attention is 
 output after the class and t tokens, has seen exactly the prefix of length t. A prediction head
 (heads.py) turns these states into a distribution over the positions not yet seen.
 
-For the 1D baselines of Table 1 (one next token, `--head linear`) the model is told the target: the
-embedding of the next token's position is added to each input, as RAR's target-aware position
-embedding (RAR Eq. 4; the paper's Fig. 4 middle).
+The 1D baselines of Table 1 (one next token, `--head linear`) are told the target, in one of two ways:
+'shifted', the paper's vanilla image AR model (Fig. 4 middle), embeds each input with the position of the
+token it must predict instead of its own (the position sequence shifted left by one); 'added', RAR's
+target-aware positional embedding (RAR Eq. 4), adds a second table's embedding of the target's position
+to the input's own.
 
 The building blocks (Attention, MLP, Block) are shared with the bidirectional heads in heads.py.
 """
@@ -32,15 +34,18 @@ SIZES = {
 
 
 class KVCache:
-    """Keys and values of every layer's past tokens, for incremental decoding (after gpt-fast's KVCache).
-    A plain object, not a Module, so it never enters the state dict."""
+    """Keys and values of one layer's past tokens, for incremental decoding (after gpt-fast's KVCache). A plain
+    object, not a Module, so it never enters the state dict. Its storage is made at the first update, in the dtype
+    and on the device of the keys it stores: bf16 under autocast, fp32 without, whatever the weights are."""
 
-    def __init__(self, batch_size, n_head, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(batch_size, n_head, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+    def __init__(self, batch_size, n_head, max_len, head_dim):
+        self.shape = (batch_size, n_head, max_len, head_dim)
+        self.k = self.v = None
 
     def update(self, input_pos, k, v):
         # input_pos: (T,) sequence indices of the new tokens; k, v: (B, n_head, T, head_dim)
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)  # (B, n_head, max_len, head_dim)
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         return self.k, self.v
@@ -120,39 +125,48 @@ def init_weights(module, n_layer):
 class Transformer(nn.Module):
     """The causal backbone: class token + (token, own 2D position) inputs -> hidden states h."""
 
-    def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, target_aware=False, token_dim=0):
+    def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, target_position=None,
+                 token_dim=0):
         super().__init__()
+        assert target_position in (None, 'shifted', 'added'), target_position
+        self.target_position = target_position  # None: the 2D model, never told where the next token goes
         N = grid_size * grid_size
         # discrete tokens are looked up; continuous tokens (token_dim > 0) are linearly projected
         self.tok_emb = nn.Linear(token_dim, n_embd) if token_dim else nn.Embedding(vocab_size, n_embd)
-        self.pos_emb = nn.Embedding(N, n_embd)  # the token's own 2D position, row-major index
+        self.pos_emb = nn.Embedding(N, n_embd)  # a 2D grid position, row-major index
         self.cls_emb = nn.Embedding(num_classes + 1, n_embd)  # the last row is 'no class', for CFG dropout
-        self.target_pos_emb = nn.Embedding(N, n_embd) if target_aware else None  # RAR Eq. 4, 1D heads only
+        self.target_pos_emb = nn.Embedding(N, n_embd) if target_position == 'added' else None  # RAR Eq. 4
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
         init_weights(self, n_layer)
 
     def forward(self, idx, labels, pos, target_pos=None):
         """Training and reference path. idx: (B, T) token ids or (B, T, D) vectors in generation order;
-        pos: (B, T) their grid positions; labels: (B,); target_pos: (B, T+1) next positions (target-aware models only).
-        Returns h: (B, T+1, C), where h[:, t] has seen the class and the first t tokens."""
-        x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(idx) + self.pos_emb(pos)], dim=1)  # (B, 1+T, C)
+        pos: (B, T) their grid positions; labels: (B,); target_pos: (B, T+1) the position each input must predict
+        (1D models only). Returns h: (B, T+1, C), where h[:, t] has seen the class and the first t tokens."""
+        x = torch.cat([self.cls_emb(labels)[:, None], self.embed(self.tok_emb(idx), pos)], dim=1)  # (B, 1+T, C)
         return self.run(x, target_pos, is_causal=True)
 
+    def embed(self, x, pos):
+        """Token embeddings x (B, T, C) plus that of their own grid position pos (B, T), which the shifted 1D
+        model does not get: its inputs carry their target's position instead (see run)."""
+        return x if self.target_position == 'shifted' else x + self.pos_emb(pos)
+
     def run(self, x, target_pos, is_causal=False, input_pos=None):
-        if self.target_pos_emb is not None:
-            x = x + self.target_pos_emb(target_pos)  # the position each input must predict (RAR Eq. 4)
+        if self.target_position == 'shifted':
+            x = x + self.pos_emb(target_pos)  # the target's position, not the input's own (Fig. 4 middle)
+        elif self.target_position == 'added':
+            x = x + self.target_pos_emb(target_pos)  # a second embedding of the target's position (RAR Eq. 4)
         for block in self.blocks:
             x = run_block(block, x, is_causal, input_pos)
         return self.ln_f(x)
 
     # --- incremental decoding with a KV cache (sample.py) ---
 
-    def setup_cache(self, batch_size, max_len, dtype=None):
-        p = self.ln_f.weight
+    def setup_cache(self, batch_size, max_len):
         for block in self.blocks:
-            block.attn.cache = KVCache(batch_size, block.attn.n_head, max_len, p.size(0) // block.attn.n_head,
-                                       dtype or p.dtype, p.device)
+            attn = block.attn
+            attn.cache = KVCache(batch_size, attn.n_head, max_len, attn.proj.in_features // attn.n_head)
 
     def clear_cache(self):
         for block in self.blocks:
@@ -166,7 +180,7 @@ class Transformer(nn.Module):
     def decode(self, idx, pos, input_pos, target_pos=None):
         """Append tokens idx at grid positions pos (B, T') as sequence steps input_pos (T',);
         returns their states: (B, T', C)."""
-        return self.run(self.tok_emb(idx) + self.pos_emb(pos), target_pos, input_pos=input_pos)
+        return self.run(self.embed(self.tok_emb(idx), pos), target_pos, input_pos=input_pos)
 
 
 def make_orders(batch_size, N, order, generator, rar_prob=1.0):

@@ -18,14 +18,13 @@ import argparse
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
-from heads import GaussianDiffusion, GlobalHead, Heptapod, linear_flops, take
+from heads import GaussianDiffusion, Heptapod, linear_flops, take
 from model import make_orders
 from tokenizers import center_crop_arr, make_tokenizer
 
@@ -54,14 +53,14 @@ def step_schedule(n, num_steps):
     return sizes
 
 
-def start_orders(B, N, order, position_order, keep, generator):
+def start_orders(B, N, position_order, keep, generator):
     """(B, N) the positions in generation order: the kept positions first (in random order), then the others
     in the chosen order (random: uniformly random, the paper; raster; confidence: filled in as generated)."""
-    if order in ('raster', 'rar') or position_order == 'raster':
+    if position_order == 'raster':
         orders = make_orders(B, N, 'raster', generator)
         if keep is not None and not torch.equal(keep, (orders < keep.sum(1, keepdim=True)).expand_as(keep)):
-            raise SystemExit("error: this model reads tokens in raster order, so it can only continue a raster "
-                             "prefix: --keep_mask must keep the first rows (and columns) of the grid")
+            raise SystemExit("error: sampling in raster order can only continue a raster prefix: --keep_mask must "
+                             "keep the first rows (and columns) of the grid")
         return orders
     orders = make_orders(B, N, 'random', generator)
     if keep is not None:  # kept positions first, each group in the random order drawn above
@@ -73,8 +72,8 @@ def start_orders(B, N, order, position_order, keep, generator):
 def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
              position_order=None, prefix=None, use_cache=True):
     """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order
-    (1D models and raster-trained models must sample in it); position_order None follows it, random being the
-    paper's, and 'confidence' fills the most likely positions first. num_steps < N places several tokens per step
+    (1D models must sample in it; a 2D model predicts every position, so it may sample in any); position_order None
+    follows it, random being the paper's, and 'confidence' fills the most likely positions first. num_steps < N places several tokens per step
     (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1 guides with a
     'no class' copy (off by default): logit mixing for discrete tokens, the noise prediction with MAR's linear
     schedule for continuous ones. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and
@@ -82,8 +81,8 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
     Transformer over the whole prefix at every step (the reference path)."""
     B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']
     dev = labels.device
-    one_d = model.head is None  # the 1D baselines predict the single next token (Table 1)
-    whole_grid = isinstance(model.head, GlobalHead)  # the local head predicts only the next position's chunk
+    one_d = model.config['head'] == 'linear'  # the 1D baselines predict the single next token (Table 1)
+    whole_grid = model.config['head'] == 'global'  # the local head predicts only the next position's chunk
     keep = None if prefix is None else prefix[1].to(dev)
     K = 0 if keep is None else int(keep.sum(1)[0])
     sizes = step_schedule(N - K, num_steps or N - K)
@@ -97,7 +96,7 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
         raise SystemExit(f"error: a 1D model samples in its training order ({order})")
     if keep is not None and keep.sum(1).ne(K).any():
         raise SystemExit("error: every image must keep the same number of tokens")
-    orders = start_orders(B, N, order, position_order, keep, generator)
+    orders = start_orders(B, N, position_order, keep, generator)
     if cfg != 1.0:  # the unconditional copies read the same positions and receive the same tokens
         labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
     M = len(labels)
@@ -117,7 +116,7 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
 
     try:
         if use_cache:
-            t_model.setup_cache(M, N, h_steps.dtype if dev.type == 'cpu' else torch.bfloat16)
+            t_model.setup_cache(M, N)
             h_steps[:, :1] = t_model.prefill(labels, target(0, 1))
         else:
             h_steps[:, :1] = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
@@ -222,7 +221,9 @@ def init_distributed(device=None):
 
 def main(args):
     ddp, rank, world_size, device = init_distributed(args.device)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    amp = device_type == 'cuda' if args.amp is None else args.amp
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp)
     ckpt = load_checkpoint(args.ckpt, device)
     model = Heptapod(**ckpt['config']).to(device).eval()
     model.load_state_dict(ckpt['ema' if args.ema else 'model'])
@@ -326,6 +327,8 @@ def get_parser():
     # system
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                        help='bf16 autocast (default: on for CUDA, off for CPU)')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                         help='torch.compile the head and the decoding step')
     parser.add_argument('--bench', action='store_true', help='time one batch after a warm-up one, then exit')

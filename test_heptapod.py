@@ -53,14 +53,17 @@ def run_train(tmp_path, *flags):
 # -----------------------------------------------------------------------------
 # the causal Transformer
 
-@pytest.mark.parametrize('target_aware', [False, True])
-def test_changing_a_later_token_never_changes_an_earlier_hidden_state(target_aware):
+TARGETS = [None, 'shifted', 'added']  # the 2D model, the paper's 1D baseline (Fig. 4 middle), RAR's
+
+
+@pytest.mark.parametrize('target_position', TARGETS)
+def test_changing_a_later_token_never_changes_an_earlier_hidden_state(target_position):
     torch.manual_seed(0)
-    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_position=target_position).eval()
     g = torch.Generator().manual_seed(0)
     idx, labels = torch.randint(512, (2, N - 1)), torch.tensor([3, 7])
     orders = make_orders(2, N, 'random', g)
-    target = orders if target_aware else None
+    target = orders if target_position else None
     h = model(idx, labels, orders[:, :-1], target)  # (2, N, C)
     j = 30
     idx2 = idx.clone()
@@ -70,29 +73,44 @@ def test_changing_a_later_token_never_changes_an_earlier_hidden_state(target_awa
     assert not torch.allclose(h[:, j + 1], h2[:, j + 1])
 
 
-@pytest.mark.parametrize('target_aware', [False, True])
-def test_only_the_1d_model_is_told_the_next_position(target_aware):
+@pytest.mark.parametrize('target_position', TARGETS)
+def test_only_the_1d_model_is_told_the_next_position(target_position):
     # RAR Fig. 3: two orders that differ only in their last two positions. The state that has seen N-2
-    # tokens must predict different positions, so only a target-aware model may tell them apart.
+    # tokens must predict different positions, so only a model told its target may tell them apart.
     torch.manual_seed(0)
-    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_position=target_position).eval()
     idx, labels = torch.randint(512, (1, N - 1)), torch.tensor([0])
     orders = make_orders(1, N, 'random', torch.Generator().manual_seed(0))
     swapped = orders.clone()
     swapped[:, -2:] = orders[:, -2:].flip(1)
-    h = model(idx, labels, orders[:, :-1], orders if target_aware else None)
-    h_swapped = model(idx, labels, swapped[:, :-1], swapped if target_aware else None)
+    h = model(idx, labels, orders[:, :-1], orders if target_position else None)
+    h_swapped = model(idx, labels, swapped[:, :-1], swapped if target_position else None)
     assert torch.equal(h[:, :N - 2], h_swapped[:, :N - 2])
-    assert torch.equal(h[:, N - 2], h_swapped[:, N - 2]) != target_aware
+    assert torch.equal(h[:, N - 2], h_swapped[:, N - 2]) == (target_position is None)
 
 
-@pytest.mark.parametrize('target_aware', [False, True])
-def test_kv_cache_decode_matches_full_forward(target_aware):
+def test_the_shifted_1d_model_gives_each_input_the_position_of_its_target_and_not_its_own():
+    # Fig. 4 (middle): the position sequence is shifted left by one, so the input at step t (the class token,
+    # then the token read at step t-1) carries the embedding of orders[:, t], the position it must predict
     torch.manual_seed(0)
-    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_aware=target_aware).eval()
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_position='shifted').eval()
+    idx, labels = torch.randint(512, (2, N - 1)), torch.tensor([3, 7])
+    orders = make_orders(2, N, 'random', torch.Generator().manual_seed(0))
+    inputs = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    model(idx, labels, orders[:, :-1], orders)
+    tokens = torch.cat([model.cls_emb(labels)[:, None], model.tok_emb(idx)], 1)  # (2, N, C)
+    torch.testing.assert_close(inputs[0], tokens + model.pos_emb(orders), atol=0, rtol=0)
+    assert model.target_pos_emb is None  # one position table, as the model without a target
+
+
+@pytest.mark.parametrize('target_position', TARGETS)
+def test_kv_cache_decode_matches_full_forward(target_position):
+    torch.manual_seed(0)
+    model = Transformer(512, 10, G, n_layer=2, n_embd=32, n_head=2, target_position=target_position).eval()
     orders = make_orders(3, N, 'random', torch.Generator().manual_seed(1))
     idx, labels = torch.randint(512, (3, 20)), torch.tensor([1, 2, 3])
-    target = orders if target_aware else None
+    target = orders if target_position else None
     h_full = model(idx, labels, orders[:, :20], None if target is None else target[:, :21])  # (3, 21, C)
     model.setup_cache(3, N)
     steps = [model.prefill(labels, None if target is None else target[:, :1])]
@@ -456,7 +474,6 @@ def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
     ('--npp_levels 2 --head linear --order random', 'use --head linear --order raster'),
     ('--npp_levels 6 --head linear --order raster', 'do not tile'),
     ('--global_batch_size 24 --batch_size 16', 'not a multiple of --batch_size'),
-    ('--eval_every 10', '--eval_every needs --fid_ref'),
 ])
 def test_invalid_flag_combinations_fail_at_start_up_in_one_line(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)) as e:
@@ -1015,8 +1032,8 @@ def test_npp_patch_embedding_is_the_mean_of_its_tokens_and_its_loss_scores_every
             positions.append(r * G + c)  # the patch-grid coordinates as a grid position
     t = model.transformer
     pos = torch.tensor(positions)
-    x = torch.cat([t.cls_emb(labels)[:, None], torch.stack(inputs[:-1], 1) + t.pos_emb(pos[:-1])], 1)
-    h = t.run(x, pos.expand(2, -1), is_causal=True)
+    x = torch.cat([t.cls_emb(labels)[:, None], torch.stack(inputs[:-1], 1)], 1)
+    h = t.run(x, pos.expand(2, -1), is_causal=True)  # each input told the position of the next patch (shifted)
     logp = model.token_head.linear(h).log_softmax(-1)  # (2, g*g, V)
     expected = -torch.stack([logp[:, i].gather(1, codes[i]) for i in range(g * g)]).mean()  # Eq. 3
     torch.testing.assert_close(model(idx, labels, None, None, patch_size=2), expected)

@@ -7,6 +7,7 @@ Train Heptapod: next 2D distribution prediction (or a 1D baseline of Table 1) on
         --global_batch_size 2048 --epochs 800 --warmup_epochs 100   # the paper's Heptapod-H
     python train.py --data CACHE --tokenizer vae --size L --batch_size 64 --bench   # throughput and MFU
     ... --eval_every 50000 --fid_ref VIRTUAL_imagenet256_labeled.npz   # FID/IS of 5000 EMA samples, as MAR
+    python train.py --eval_every 650 --eval_images 500   # small data: Frechet distance in a PCA space, class accuracy
 
 Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end), out_dir/log.jsonl and
 out_dir/samples.png. Every random draw of step s (generation orders, supervised prefixes, which mirror
@@ -23,7 +24,6 @@ import resource
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -151,11 +151,9 @@ def check_args(args, meta, world_size):
     if args.global_batch_size > meta['num_images']:
         errors.append(f"--global_batch_size {args.global_batch_size} is more than the {meta['num_images']} images "
                       f"of --data")
-    if args.eval_every and not args.fid_ref:
-        errors.append("--eval_every needs --fid_ref REF.npz (ADM's VIRTUAL_imagenet256_labeled.npz, or your own "
-                      "from 'python fid.py IMAGES --save_stats REF.npz')")
-    if args.eval_every and args.eval_images < max(10, world_size):
-        errors.append(f"--eval_images {args.eval_images}: at least 10 (the IS splits) and one per process")
+    if args.eval_every and args.eval_images < max(10 if args.fid_ref else 2, world_size):
+        errors.append(f"--eval_images {args.eval_images}: at least {10 if args.fid_ref else 2} (the IS splits, "
+                      f"a covariance) and one per process")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
@@ -173,25 +171,55 @@ def dry_run(model, args):
     print0(f"training FLOPs per image, {'total':<10} {sum(flops.values()) / 1e9:10.2f} GFLOP")
 
 
+def small_image_metric(args, tokens, labels, meta, tokenizer):
+    """fid.SmallImageMetric of the training data, as the tokenizer decodes it: fit on up to 10,000 of its images
+    and compared with held-out ones, fresh shapes of another seed, or every 10th image of a cache (which training
+    reads too: 'held out' from the metric's fit only)."""
+    def images(tok, rows):  # the decoded images of cache rows, not their mirrors
+        x = np.asarray(tok[rows])[:, 0]
+        x = torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
+        return tokenizer.decode(TOKENIZERS[meta['tokenizer']].from_cache(x, torch.Generator().manual_seed(0)))
+    if args.data == 'shapes':
+        ref_tokens, ref_labels, _ = load_dataset('shapes', args.tokenizer, num_images=2000, seed=args.seed + 1)
+        train_rows, ref_rows = np.arange(min(len(labels), 10000)), np.arange(2000)
+    else:
+        rows = np.arange(min(len(labels), 12000))
+        train_rows, ref_rows, ref_tokens, ref_labels = rows[rows % 10 > 0], rows[rows % 10 == 0], tokens, labels
+    return fid.SmallImageMetric(images(tokens, train_rows), labels[train_rows], images(ref_tokens, ref_rows),
+                                ref_labels[ref_rows])
+
+
+def evaluator(args, tokens, labels, meta, tokenizer, device, master):
+    """(featurize, score) for --eval_every: Inception features scored against --fid_ref as MAR's online FID, or
+    without --fid_ref the small-image metric. What they compare with is prepared once, on rank 0."""
+    if args.fid_ref:
+        inception = fid.load_inception(args.inception, device)
+        ref = fid.load_reference(args.fid_ref, inception, device=device, resize=args.fid_resize) if master else None
+        return (functools.partial(fid.features, inception, device=device, resize=args.fid_resize),
+                lambda feats: fid.metrics(feats, *ref, device=device))
+    metric = small_image_metric(args, tokens, labels, meta, tokenizer) if master else None
+    return lambda images: {'images': images.cpu().numpy()}, lambda feats: metric(feats['images'], feats['labels'])
+
+
 @torch.no_grad()
-def evaluate(ema, args, meta, tokenizer, inception, ref, device, rank, world_size, autocast):
-    """MAR's online evaluation: --eval_images images from the EMA weights (classes balanced, split over the
-    ranks, the same seeds at every evaluation), their Inception features gathered on rank 0, and FID, sFID, IS
-    (and precision/recall when the reference has images) against --fid_ref. Returns the metrics on rank 0."""
+def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_size, autocast):
+    """Online evaluation: --eval_images images from the EMA weights (classes balanced, split over the ranks, the
+    same seeds at every evaluation), their features (featurize: a dict of arrays) gathered on rank 0 and scored
+    there, score(features, labels): Inception metrics against --fid_ref as MAR, or the small-image metric."""
     labels = (torch.arange(args.eval_images, device=device) % meta['num_classes'])[rank::world_size]
     g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank)
     feats = []
     for b in range(0, len(labels), args.batch_size):
         with autocast:
             tokens = generate(ema.eval(), labels[b:b + args.batch_size], args.order, g, args.temperature)
-        images = decode(tokenizer, tokens, meta['grid_size'])
-        feats.append(fid.features(inception, images, device=device, resize=args.fid_resize))
+        feats.append(featurize(decode(tokenizer, tokens, meta['grid_size'])))
     feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
+    feats['labels'] = labels.cpu().numpy()
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, feats)
         feats = {k: np.concatenate([p[k] for p in parts]) for k in feats}
-    return fid.metrics(feats, *ref, device=device) if rank == 0 else None
+    return score(feats) if rank == 0 else None
 
 
 def peak_memory(device):
@@ -225,7 +253,9 @@ def main(args):
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what runs in fp32 outside autocast
     torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device_type == 'cuda' else nullcontext()
+    # bf16 autocast, on by default on GPUs; --amp on a CPU runs the very same bf16 code (what the tests check)
+    args.amp = device_type == 'cuda' if args.amp is None else args.amp
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp)
 
     # --- data ---
     if args.dry_run and args.data == 'shapes' and args.tokenizer in ('vq', 'vae'):
@@ -257,6 +287,7 @@ def main(args):
     if not config['token_dim']:  # discrete tokens: no diffusion MLP
         config.update(diffusion_width=None, diffusion_depth=None)
     model = Heptapod(**config).to(device)
+    config = model.config  # resolved (the head's depth, how a 1D model is told its target), as checkpoints keep it
     if args.dry_run:
         dry_run(model, args)
         return
@@ -309,9 +340,7 @@ def main(args):
         else:
             tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
     if args.eval_every and not args.bench:
-        inception = fid.load_inception(args.inception, device)
-        fid_ref = fid.load_reference(args.fid_ref, inception, device=device, resize=args.fid_resize) \
-            if master else None
+        featurize, score = evaluator(args, tokens, labels, meta, tokenizer, device, master)
     raw_model = model  # checkpoints hold the unwrapped, uncompiled module
     if args.compile:
         model = torch.compile(model)
@@ -358,10 +387,11 @@ def main(args):
         if args.eval_every and not args.bench and step > first_step and (step % args.eval_every == 0
                                                                          or step == args.max_steps):
             t_e = time.time()
-            metrics = evaluate(ema, args, meta, tokenizer, inception, fid_ref, device, rank, world_size, autocast)
+            metrics = evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_size, autocast)
             if master:
                 print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                       f" ({args.eval_images} EMA samples vs {args.fid_ref}, {time.time() - t_e:.0f}s)")
+                       f" ({args.eval_images} EMA samples vs {args.fid_ref or 'held-out images'}, "
+                       f"{time.time() - t_e:.0f}s)")
                 with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
                     f.write(json.dumps(dict(step=step, eval_images=args.eval_images, **metrics)) + '\n')
             t0 += time.time() - t_e  # the next log line times training steps only
@@ -420,7 +450,8 @@ def main(args):
         num_classes = meta['num_classes']
         y = torch.arange(args.num_samples, device=device) % num_classes
         t_s = time.time()
-        out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
+        with autocast:
+            out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
         dt = time.time() - t_s
         images = decode(tokenizer, out, meta['grid_size'])
         save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
@@ -476,9 +507,11 @@ def get_parser():
     # sampling at the end of training
     parser.add_argument('--num_samples', type=int, default=40, help='images in out_dir/samples.png (0: none)')
     parser.add_argument('--temperature', type=float, default=1.0)
-    # online evaluation (MAR's): FID/IS of EMA samples every --eval_every steps and at the end
+    # online evaluation: FID/IS of EMA samples every --eval_every steps and at the end (MAR's), or without
+    # --fid_ref the small-image metric (fid.SmallImageMetric: Frechet distance of pixels in a PCA space, class accuracy)
     parser.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: none)')
-    parser.add_argument('--fid_ref', default=None, help="reference batch .npz (fid.py's layout) or image set")
+    parser.add_argument('--fid_ref', default=None,
+                        help="reference batch .npz (fid.py's layout) or image set; none: the small-image metric")
     parser.add_argument('--eval_images', type=int, default=5000, help='samples per evaluation (the paper: 50000)')
     parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
     parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
@@ -490,6 +523,8 @@ def get_parser():
     parser.add_argument('--keep_last', type=int, default=2, help='checkpoints kept (ckpt.pt is the newest)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                        help='bf16 autocast (default: on for CUDA, off for CPU)')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile')
     parser.add_argument('--grad_checkpointing', action=argparse.BooleanOptionalAction, default=False,
                         help='recompute block activations in backward: less memory, about 1/3 more compute')
