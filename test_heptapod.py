@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -374,6 +375,18 @@ def test_center_crop_gives_the_target_size_from_any_aspect():
     for size in [(300, 200), (17, 90), (16, 16)]:
         arr = tokenizers.center_crop_arr(Image.new('RGB', size), 16)
         assert arr.shape == (16, 16, 3)
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    Image.fromarray(np.full((4, 4), 0x8080, np.uint16)).save(tmp_path / 'grey16.png')  # 32896 / 257 = 128
+    Image.fromarray(np.full((4, 4), 128 / 255, np.float32)).save(tmp_path / 'float.tif')
+    for name, mode in (('grey16.png', 'I;16'), ('float.tif', 'F')):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode and np.asarray(tokenizers.to_rgb(im)).tolist() == [[[128] * 3] * 4] * 4
+    Image.fromarray(np.full((4, 4), 200.0, np.float32)).save(tmp_path / 'float255.tif')  # not in [0, 1]
+    with Image.open(tmp_path / 'float255.tif') as im, pytest.raises(ValueError, match=re.escape('only [0, 1]')):
+        tokenizers.to_rgb(im)
+
 
 
 # -----------------------------------------------------------------------------
@@ -913,6 +926,50 @@ def test_loading_refuses_a_cache_whose_shards_disagree_with_its_meta(change, mat
     meta = {k: v for k, v in dict(meta, **change).items() if v is not None}
     (tmp_path / 'cache' / 'meta.json').write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match=re.escape(match)):
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+
+
+def png_claiming(path, width, height):
+    """A 1x1 PNG whose header is rewritten to claim width x height pixels."""
+    Image.new('RGB', (1, 1)).save(path)
+    png = bytearray(path.read_bytes())
+    png[16:24] = width.to_bytes(4, 'big') + height.to_bytes(4, 'big')  # IHDR data: width, height, ...
+    png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, 'big')  # IHDR's CRC, over its type and data
+    path.write_bytes(png)
+
+
+def test_a_huge_image_header_and_a_shard_of_unreadable_files_are_skipped_with_the_reason(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images', per_class=2)
+    png_claiming(tmp_path / 'images' / 'cats' / 'x_huge.png', 20000, 20000)  # over Pillow's decompression-bomb limit
+    (tmp_path / 'images' / 'cats' / 'y_broken.png').write_bytes(b'not a png')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2'))  # shard 1: those two
+    err = capsys.readouterr().err
+    assert re.search(r'skipping \S*x_huge.png: Image size \(400000000 pixels\) exceeds limit', err)
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 1, 1] and tokens[np.arange(4)].shape == (4, 2, 16, 16)
+    assert np.load(tmp_path / 'cache' / 'tokens_00001.npy').shape == (0, 2, 16, 16)
+
+
+def test_16_bit_and_float_images_are_cached_as_grey_and_out_of_range_ones_skipped(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images', per_class=1)
+    Image.fromarray(np.full((20, 20), 0x8080, np.uint16)).save(tmp_path / 'images' / 'cats' / 'grey16.png')
+    Image.fromarray(np.full((20, 20), 128 / 255, np.float32)).save(tmp_path / 'images' / 'cats' / 'grey_float.tif')
+    Image.fromarray(np.full((20, 20), 128.0, np.float32)).save(tmp_path / 'images' / 'cats' / 'float255.tif')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    assert re.search(r'skipping \S*float255.tif: .*only \[0, 1\] is read', capsys.readouterr().err)
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 0, 1]  # cats: 0.png, grey16.png, grey_float.tif
+    grey = (4 << 6) | (4 << 3) | 4  # 128 in each channel: the top three bits 100
+    assert (tokens[np.arange(1, 3)] == grey).all()
+
+
+def test_a_class_whose_every_file_is_unreadable_is_refused_naming_it(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    for i in range(3):
+        (tmp_path / 'images' / 'dogs' / f'{i}.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit, match='no image of class dogs'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    with pytest.raises(SystemExit, match='no image of class dogs'):  # training refuses it too
         tokenizers.load_dataset(str(tmp_path / 'cache'))
 
 

@@ -491,6 +491,18 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
+def to_rgb(im):
+    """A Pillow image of any mode as 8-bit RGB. convert('RGB') would clip 16-bit greys ('I;16', 'I': 16-bit PNG, TIFF)
+    and float ones ('F': float TIFF) to [0, 255], all white or black; they are scaled from [0, 65535] and [0, 1]."""
+    if im.mode.startswith('I') or im.mode == 'F':
+        x = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == 'F' else 65535.0
+        if not (x.min() >= 0 and x.max() <= top):  # NaN fails too
+            raise ValueError(f"mode {im.mode} values in [{x.min():g}, {x.max():g}]; only [0, {top:g}] is read")
+        im = Image.fromarray(np.round(x * (255 / top)).astype(np.uint8))  # grey, mode 'L'
+    return im.convert('RGB')
+
+
 def list_image_folder(root):
     """(paths, labels, class_names) of the image files of an ImageFolder: one subdirectory per class, sorted by
     name; files without an image extension are skipped, saying so."""
@@ -542,7 +554,7 @@ def cache_array(tokens):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(centre-cropped uint8 image or None if unreadable, label, path) of each file, for a DataLoader."""
+    """(centre-cropped uint8 image or None if unreadable, label, path or why it is unreadable), for a DataLoader."""
 
     def __init__(self, paths, labels, image_size):
         self.paths, self.labels, self.image_size = paths, labels, image_size
@@ -553,8 +565,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as im:
-                return center_crop_arr(im.convert('RGB'), self.image_size), self.labels[i], self.paths[i]
-        except (OSError, ValueError) as e:  # PIL raises these for truncated, corrupt or unknown files
+                return center_crop_arr(to_rgb(im), self.image_size), self.labels[i], self.paths[i]
+        # truncated, corrupt or unknown files, values out of range, and headers over Pillow's 2 x MAX_IMAGE_PIXELS
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             return None, self.labels[i], f"{self.paths[i]}: {e}"
 
 
@@ -626,7 +639,9 @@ def cache(args):
         part = slice(k * args.shard_size, (k + 1) * args.shard_size)
         loader = torch.utils.data.DataLoader(ImageFiles(paths[part], labels[part], args.image_size), args.batch_size,
                                              num_workers=args.workers, collate_fn=list)  # keeps None
-        tokens, kept = [], []
+        # an empty batch first gives a shard whose files are all unreadable its shape (0, 2, h, w[, D])
+        none = torch.zeros(0, args.image_size, args.image_size, 3, dtype=torch.uint8)
+        tokens, kept = [cache_array(encode_with_mirror(tokenizer, none))], []
         for i, batch in enumerate(loader):
             for image, _, what in batch:
                 if image is None:
@@ -685,9 +700,11 @@ def check_shards(path, meta, shards, labels):
     counts = np.bincount(labels, minlength=meta['num_classes'])  # labels are >= 0: cache() writes class indices
     if len(counts) > meta['num_classes']:
         raise SystemExit(f"error: cache {path}: labels beyond the {meta['num_classes']} classes of meta.json; {remake}")
+    # refused, not dropped: dropping a class would shift the labels of the classes after it
     empty = [c for c, count in zip(meta['classes'], counts) if count == 0]
-    if empty:  # e.g. a class folder added after the shards were written
-        raise SystemExit(f"error: cache {path}: no image of class {', '.join(empty[:3])}; {remake}")
+    if empty:
+        raise SystemExit(f"error: cache {path}: no image of class {', '.join(empty[:3])}: every file was skipped "
+                         f"when cached (the reasons were printed then); fix or remove them, then {remake}")
 
 
 class TokenCache:
@@ -714,7 +731,7 @@ class TokenCache:
         return len(self.labels)
 
     def __getitem__(self, rows):  # rows: sorted int array
-        shard = np.searchsorted(self.offsets, rows, side='right') - 1
+        shard = np.searchsorted(self.offsets, rows, side='right') - 1  # an empty shard k shares its offset with k + 1
         return np.concatenate([self.shards[k][rows[shard == k] - self.offsets[k]] for k in np.unique(shard)])
 
 
