@@ -388,6 +388,9 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
         tokenizers.to_rgb(im)
 
 
+def test_tokenizers_help_shows_its_examples_with_their_line_continuations():
+    assert 'kl16.ckpt --data IMAGENET/train \\\n        --image_size 256' in tokenizers.get_parser().format_help()
+
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line
@@ -1662,6 +1665,7 @@ BAD_INPUTS = [
     ('train', '--data {ws}/cache --out_dir {ws}/new', meta_of_another_image_size, 'not the uint16 32x32 grids'),
     ('train', '--data {ws}/cache --out_dir {ws}/new', meta_with_a_class_added, 'no image of class zebras'),
     ('train', '--data {ws}/cache --out_dir {ws}/new', labels_of_cats_only, 'no image of class dogs'),
+    ('train', '--data {ws}/images --out_dir {ws}/new', None, 'images_cache` and train with --data'),
 ]
 
 

@@ -1,4 +1,4 @@
-"""
+r"""
 Tokenizers, the built-in dataset, and the dataset cache that training memory-maps.
 
 - pixel: each pixel is one token from a fixed palette (3 bits per channel, 512 colours); pixel_patch:
@@ -760,9 +760,11 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
         raise SystemExit(f"error: --data {data}: no such directory; use --data shapes (built-in) or make a cache "
                          f"with `python tokenizers.py cache --data IMAGEFOLDER --out {data}`")
     meta = read_meta(data)
-    if meta is None:
-        raise SystemExit(f"error: --data {data}: no meta.json there; make a cache with "
-                         f"`python tokenizers.py cache --data IMAGEFOLDER --out {data}` or use --data shapes")
+    if meta is None:  # often the image folder itself: its cache belongs next to it, not inside
+        out = os.path.normpath(data) + '_cache'
+        raise SystemExit(f"error: --data {data}: not a cache (no meta.json); if it is an image folder "
+                         f"(DIR/<class>/<image>), cache it first with `python tokenizers.py cache --data {data} "
+                         f"--out {out}` and train with --data {out}; or use --data shapes")
     tokens = TokenCache(data, meta)
     return tokens, tokens.labels, meta
 
@@ -771,7 +773,8 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('cache', help='tokenize an ImageFolder into a cache directory')
-    p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS))
+    p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
+                   help="pixel: 512 colour ids; pixel_patch: 2x2 patches as 12-d vectors; vq, vae: the paper's")
     p.add_argument('--ckpt', default=None, help='released weights of vq (vq_ds16_c2i.pt) or vae (kl16.ckpt)')
     p.add_argument('--data', required=True, help='ImageFolder root: DIR/<class>/<image>')
     p.add_argument('--image_size', type=int, default=16, help='centre crop size (the paper: 256); grid = size / 16 '
