@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -392,6 +393,21 @@ def test_center_crop_gives_the_target_size_from_any_aspect():
     for size in [(300, 200), (17, 90), (16, 16)]:
         arr = tokenizers.center_crop_arr(Image.new('RGB', size), 16)
         assert arr.shape == (16, 16, 3)
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    Image.fromarray(np.full((4, 4), 0x8080, np.uint16)).save(tmp_path / 'grey16.png')  # 32896 / 257 = 128
+    Image.fromarray(np.full((4, 4), 128 / 255, np.float32)).save(tmp_path / 'float.tif')
+    for name, mode in (('grey16.png', 'I;16'), ('float.tif', 'F')):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode and np.asarray(tokenizers.to_rgb(im)).tolist() == [[[128] * 3] * 4] * 4
+    Image.fromarray(np.full((4, 4), 200.0, np.float32)).save(tmp_path / 'float255.tif')  # not in [0, 1]
+    with Image.open(tmp_path / 'float255.tif') as im, pytest.raises(ValueError, match=re.escape('only [0, 1]')):
+        tokenizers.to_rgb(im)
+
+
+def test_tokenizers_help_shows_its_examples_with_their_line_continuations():
+    assert 'kl16.ckpt --data IMAGENET/train \\\n        --image_size 256' in tokenizers.get_parser().format_help()
 
 
 # -----------------------------------------------------------------------------
@@ -876,6 +892,131 @@ def test_killed_cache_run_continues_and_never_rewrites_a_finished_shard(tmp_path
     assert first.stat().st_mtime_ns == written
     tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def snapshot_of(root):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.iterdir()}
+
+
+@pytest.mark.parametrize('flags,differs', [
+    (['--image_size', '32'], 'image_size 16 -> 32'),
+    (['--tokenizer', 'pixel_patch', '--image_size', '32'], 'tokenizer pixel -> pixel_patch'),
+    (['--shard_size', '4'], 'shard_size 10000 -> 4'),
+])
+def test_rerunning_cache_with_other_flags_into_its_out_is_refused_and_changes_nothing(flags, differs, tmp_path):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    before = snapshot_of(tmp_path / 'cache')
+    with pytest.raises(SystemExit, match=re.escape(differs) + '.*another --out, or add --rebuild') as e:
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', *flags))
+    assert '\n' not in str(e.value) and snapshot_of(tmp_path / 'cache') == before
+
+
+def test_rerunning_cache_after_a_class_folder_was_added_is_refused_and_rebuild_relabels(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    os.makedirs(tmp_path / 'images' / 'birds')  # sorts first: every label moves up by one
+    Image.new('RGB', (20, 20), 'blue').save(tmp_path / 'images' / 'birds' / '0.png')
+    with pytest.raises(SystemExit, match='num_classes 2 -> 3'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--rebuild'))
+    _, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['classes'] == ['birds', 'cats', 'dogs'] and labels.tolist() == [0, 1, 1, 1, 2, 2, 2]
+
+
+def test_rerunning_cache_over_changed_image_files_is_refused(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    Image.new('RGB', (50, 50), 'red').save(tmp_path / 'images' / 'cats' / '0.png')  # same name, other file
+    with pytest.raises(SystemExit, match='files_sha256'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+
+
+def test_rerunning_cache_with_other_tokenizer_weights_is_refused(vq_file, tmp_path):
+    make_image_folder(tmp_path / 'images')
+    shutil.copy(vq_file[0], tmp_path / 'other_vq.pt')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', 'vq',
+                                    '--ckpt', str(vq_file[0])))
+    with pytest.raises(SystemExit, match=re.escape(f"ckpt {vq_file[0]} -> {tmp_path / 'other_vq.pt'}")):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', 'vq',
+                                        '--ckpt', str(tmp_path / 'other_vq.pt')))
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(image_size=32, grid_size=32), 'tokens_00000.npy holds uint16 tokens (2, 16, 16), not the uint16 32x32'),
+    (dict(tokenizer='pixel_patch', vocab_size=None, token_dim=12), 'not the float16 16x16 grids'),
+    (dict(classes=['cats', 'dogs', 'zebras'], num_classes=3), 'no image of class zebras'),
+    (dict(classes=['cats'], num_classes=1), 'labels beyond the 1 classes'),
+])
+def test_loading_refuses_a_cache_whose_shards_disagree_with_its_meta(change, match, tmp_path):
+    # what the old `cache` left after a rerun with another --image_size, --tokenizer or class folders
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    meta = json.loads((tmp_path / 'cache' / 'meta.json').read_text())
+    meta = {k: v for k, v in dict(meta, **change).items() if v is not None}
+    (tmp_path / 'cache' / 'meta.json').write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=re.escape(match)):
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+
+
+def png_claiming(path, width, height):
+    """A 1x1 PNG whose header is rewritten to claim width x height pixels."""
+    Image.new('RGB', (1, 1)).save(path)
+    png = bytearray(path.read_bytes())
+    png[16:24] = width.to_bytes(4, 'big') + height.to_bytes(4, 'big')  # IHDR data: width, height, ...
+    png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, 'big')  # IHDR's CRC, over its type and data
+    path.write_bytes(png)
+
+
+def test_a_huge_image_header_and_a_shard_of_unreadable_files_are_skipped_with_the_reason(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images', per_class=2)
+    png_claiming(tmp_path / 'images' / 'cats' / 'x_huge.png', 20000, 20000)  # over Pillow's decompression-bomb limit
+    (tmp_path / 'images' / 'cats' / 'y_broken.png').write_bytes(b'not a png')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2'))  # shard 1: those two
+    err = capsys.readouterr().err
+    assert re.search(r'skipping \S*x_huge.png: Image size \(400000000 pixels\) exceeds limit', err)
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 1, 1] and tokens[np.arange(4)].shape == (4, 2, 16, 16)
+    assert np.load(tmp_path / 'cache' / 'tokens_00001.npy').shape == (0, 2, 16, 16)
+
+
+def test_16_bit_and_float_images_are_cached_as_grey_and_out_of_range_ones_skipped(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images', per_class=1)
+    Image.fromarray(np.full((20, 20), 0x8080, np.uint16)).save(tmp_path / 'images' / 'cats' / 'grey16.png')
+    Image.fromarray(np.full((20, 20), 128 / 255, np.float32)).save(tmp_path / 'images' / 'cats' / 'grey_float.tif')
+    Image.fromarray(np.full((20, 20), 128.0, np.float32)).save(tmp_path / 'images' / 'cats' / 'float255.tif')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    assert re.search(r'skipping \S*float255.tif: .*only \[0, 1\] is read', capsys.readouterr().err)
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 0, 1]  # cats: 0.png, grey16.png, grey_float.tif
+    grey = (4 << 6) | (4 << 3) | 4  # 128 in each channel: the top three bits 100
+    assert (tokens[np.arange(1, 3)] == grey).all()
+
+
+def test_a_class_whose_every_file_is_unreadable_is_refused_naming_it(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    for i in range(3):
+        (tmp_path / 'images' / 'dogs' / f'{i}.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit, match='no image of class dogs'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    with pytest.raises(SystemExit, match='no image of class dogs'):  # training refuses it too
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+
+
+@pytest.mark.parametrize('what', ['tokens', 'labels'])
+def test_a_truncated_shard_is_named_when_loading_and_re_encoded_by_rerunning_cache(what, tmp_path, capsys):
+    make_image_folder(tmp_path / 'images')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '4')
+    tokenizers.cache(args)
+    tokens = np.load(tmp_path / 'cache' / 'tokens_00000.npy')
+    shard = tmp_path / 'cache' / f'{what}_00000.npy'
+    shard.write_bytes(shard.read_bytes()[:150])  # a copy cut short
+    with pytest.raises(SystemExit, match=f'{what}_00000.npy is unreadable') as e:
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert '\n' not in str(e.value)
+    tokenizers.cache(args)
+    assert 're-encoding shard 0' in capsys.readouterr().err
+    assert np.array_equal(tokenizers.load_dataset(str(tmp_path / 'cache'))[0][np.arange(4)], tokens)
 
 
 @pytest.mark.parametrize('name', ['vq', 'vae'])
@@ -1495,9 +1636,63 @@ def snapshot(root):
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
 
 
+def add_a_class_folder(ws):
+    os.makedirs(ws / 'images' / 'birds')
+    Image.new('RGB', (20, 20), 'blue').save(ws / 'images' / 'birds' / '0.png')
+
+
+def replace_an_image(ws):
+    Image.new('RGB', (50, 50), 'red').save(ws / 'images' / 'cats' / '0.png')  # same name, other file
+
+
+def truncate_the_tokens_shard(ws):
+    shard = ws / 'cache' / 'tokens_00000.npy'
+    shard.write_bytes(shard.read_bytes()[:150])
+
+
+def truncate_the_labels_shard(ws):
+    shard = ws / 'cache' / 'labels_00000.npy'
+    shard.write_bytes(shard.read_bytes()[:150])
+
+
+def edit_cache_meta(ws, **change):
+    meta = json.loads((ws / 'cache' / 'meta.json').read_text())
+    (ws / 'cache' / 'meta.json').write_text(json.dumps(dict(meta, **change)))
+
+
+def meta_of_another_image_size(ws):  # what the old `cache` left when rerun with --image_size 32
+    edit_cache_meta(ws, image_size=32, grid_size=32)
+
+
+def meta_with_a_class_added(ws):  # what the old `cache` left when rerun after a class folder was added
+    edit_cache_meta(ws, classes=['cats', 'dogs', 'zebras'], num_classes=3)
+
+
+def labels_of_cats_only(ws):  # a cache in which every file of dogs was unreadable
+    np.save(ws / 'cache' / 'labels_00000.npy', np.zeros(6, dtype=np.int64))
+
+
 # (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --image_size 32', None, 'image_size 16 -> 32'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --tokenizer pixel_patch --image_size 32', None,
+     'tokenizer pixel -> pixel_patch'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/cache', add_a_class_folder, 'num_classes 2 -> 3'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/cache', replace_an_image, 'files_sha256'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/new --tokenizer pixel_patch --image_size 15', None,
+     '--image_size 15 must be positive and a multiple of 2'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/new --image_size 0', None, '--image_size 0 must be positive'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/new --shard_size 0', None, '--shard_size must be at least 1'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/new --ckpt {ws}/run/ckpt.pt', None, '--ckpt is for'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/run/ckpt.pt', None, 'is a file, not a directory'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/images/cache', None, 'is inside --data'),
+    ('train', '--data {ws}/cache --out_dir {ws}/new', truncate_the_tokens_shard, 'tokens_00000.npy is unreadable'),
+    ('train', '--data {ws}/cache --out_dir {ws}/new', truncate_the_labels_shard, 'labels_00000.npy is unreadable'),
+    ('train', '--data {ws}/cache --out_dir {ws}/new', meta_of_another_image_size, 'not the uint16 32x32 grids'),
+    ('train', '--data {ws}/cache --out_dir {ws}/new', meta_with_a_class_added, 'no image of class zebras'),
+    ('train', '--data {ws}/cache --out_dir {ws}/new', labels_of_cats_only, 'no image of class dogs'),
+    ('train', '--data {ws}/images --out_dir {ws}/new', None, 'images_cache` and train with --data'),
 ]
 
 

@@ -1,4 +1,4 @@
-"""
+r"""
 Tokenizers, the built-in dataset, and the dataset cache that training memory-maps.
 
 - pixel: each pixel is one token from a fixed palette (3 bits per channel, 512 colours); pixel_patch:
@@ -15,9 +15,11 @@ Tokenizers, the built-in dataset, and the dataset cache that training memory-map
         --image_size 256 --out CACHE          # the paper's data: 16x16 tokens of each image and its mirror
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -473,6 +475,7 @@ def make_shapes(num_images, size=16, seed=0, jitter=0.0):
 # ImageFolder reading and the token cache
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+CACHE_FILE = re.compile(r'meta\.json|(tokens|labels)_\d{5}\.npy')  # what cache() writes in --out (and its .tmp)
 
 
 def center_crop_arr(pil_image, image_size):
@@ -488,8 +491,21 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
+def to_rgb(im):
+    """A Pillow image of any mode as 8-bit RGB. convert('RGB') would clip 16-bit greys ('I;16', 'I': 16-bit PNG, TIFF)
+    and float ones ('F': float TIFF) to [0, 255], all white or black; they are scaled from [0, 65535] and [0, 1]."""
+    if im.mode.startswith('I') or im.mode == 'F':
+        x = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == 'F' else 65535.0
+        if not (x.min() >= 0 and x.max() <= top):  # NaN fails too
+            raise ValueError(f"mode {im.mode} values in [{x.min():g}, {x.max():g}]; only [0, {top:g}] is read")
+        im = Image.fromarray(np.round(x * (255 / top)).astype(np.uint8))  # grey, mode 'L'
+    return im.convert('RGB')
+
+
 def list_image_folder(root):
-    """(paths, labels, class_names) of an ImageFolder: one subdirectory per class, sorted by name."""
+    """(paths, labels, class_names) of the image files of an ImageFolder: one subdirectory per class, sorted by
+    name; files without an image extension are skipped, saying so."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such directory (expected an ImageFolder DIR/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -500,9 +516,22 @@ def list_image_folder(root):
         files = sorted(f.path for f in os.scandir(os.path.join(root, c)) if f.is_file())
         if not files:
             raise SystemExit(f"error: --data {root}: class folder '{c}' is empty")
+        for p in files:
+            if not p.lower().endswith(IMAGE_EXTENSIONS):
+                print(f"skipping {p}: not an image file extension", file=sys.stderr)
+        files = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
         paths += files
         labels += [k] * len(files)
     return paths, labels, classes
+
+
+def files_sha256(root, paths):
+    """A digest of the files' paths under root and sizes, so that a cache is only continued over the same files
+    (sizes, not contents or times: reading ImageNet twice is slow, and a copied folder has new times)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{os.path.relpath(p, root)}\t{os.path.getsize(p)}\n".encode())
+    return h.hexdigest()[:16]  # 64 bits: enough to tell two file lists apart
 
 
 def token_meta(tokenizer):
@@ -525,7 +554,7 @@ def cache_array(tokens):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(centre-cropped uint8 image or None if unreadable, label, path) of each file, for a DataLoader."""
+    """(centre-cropped uint8 image or None if unreadable, label, path or why it is unreadable), for a DataLoader."""
 
     def __init__(self, paths, labels, image_size):
         self.paths, self.labels, self.image_size = paths, labels, image_size
@@ -536,9 +565,50 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as im:
-                return center_crop_arr(im.convert('RGB'), self.image_size), self.labels[i], self.paths[i]
-        except (OSError, ValueError) as e:  # PIL raises these for truncated, corrupt or unknown files
+                return center_crop_arr(to_rgb(im), self.image_size), self.labels[i], self.paths[i]
+        # truncated, corrupt or unknown files, values out of range, and headers over Pillow's 2 x MAX_IMAGE_PIXELS
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             return None, self.labels[i], f"{self.paths[i]}: {e}"
+
+
+def check_cache_args(args):
+    """Flags that cannot work fail here, in one line, before anything is read or written."""
+    m, errors = DOWNSAMPLING[args.tokenizer], []
+    if args.image_size < 1 or args.image_size % m:
+        errors.append(f"--image_size {args.image_size} must be positive" + (
+            f" and a multiple of {m} (one {args.tokenizer} token covers {m}x{m} pixels)" if m > 1 else ""))
+    if args.ckpt and args.tokenizer not in RECONSTRUCTION_TOKENIZERS:
+        errors.append(f"--ckpt is for --tokenizer vq or vae; --tokenizer {args.tokenizer} has no weights")
+    if args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
+        errors.append("--batch_size and --shard_size must be at least 1, --workers at least 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        errors.append(f"--out {args.out} is a file, not a directory")
+    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    if out != data and os.path.commonpath([data, out]) == data:  # the cache would be read as a class folder
+        errors.append(f"--out {args.out} is inside --data; put it next to the images, e.g. --out {data}_cache")
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
+
+
+def start_cache(out, meta, rebuild, rank):
+    """Begin a cache in `out`, or continue one that the same arguments and files began (same meta.json); refuse
+    any other in one line. --rebuild deletes it first (rank 0; every rank then encodes its shards afresh)."""
+    ours = [f for f in os.listdir(out) if CACHE_FILE.fullmatch(f.removesuffix('.tmp'))] if os.path.isdir(out) else []
+    if not rebuild and any(not f.endswith('.tmp') for f in ours):
+        old = read_meta(out) or {}
+        differ = [f"{k} {old.get(k)} -> {meta.get(k)}" if len(f"{old.get(k)}{meta.get(k)}") < 200 else k
+                  for k in dict.fromkeys([*meta, *old]) if old.get(k) != meta.get(k)]  # keys of both, in order
+        if differ:
+            raise SystemExit(f"error: --out {out} holds a cache made from other arguments or files "
+                             f"({', '.join(differ)}); write to another --out, or add --rebuild to encode it afresh")
+        return
+    os.makedirs(out, exist_ok=True)
+    if rank == 0:
+        for f in ours:
+            os.remove(os.path.join(out, f))
+        with open(os.path.join(out, 'meta.json.tmp'), 'w') as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(out, 'meta.json.tmp'), os.path.join(out, 'meta.json'))
 
 
 def cache(args):
@@ -548,28 +618,30 @@ def cache(args):
     renamed, so a killed run continues where it stopped and a finished shard is never rewritten."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
-    tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device)
+    check_cache_args(args)
     paths, labels, classes = list_image_folder(args.data)
-    keep = [i for i, p in enumerate(paths) if p.lower().endswith(IMAGE_EXTENSIONS)]
-    for p in sorted(set(paths) - {paths[i] for i in keep}):
-        print(f"skipping {p}: not an image file extension", file=sys.stderr)
-    paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+    tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device)
     num_shards = math.ceil(len(paths) / args.shard_size)
-    os.makedirs(args.out, exist_ok=True)
+    # everything that decides what the shards hold, so that a rerun continues only the same cache
     meta = dict(tokenizer=args.tokenizer, ckpt=args.ckpt and os.path.abspath(args.ckpt), image_size=args.image_size,
                 grid_size=args.image_size // DOWNSAMPLING[args.tokenizer], num_classes=len(classes),
-                classes=classes, num_shards=num_shards, **token_meta(tokenizer))
-    if rank == 0:
-        with open(os.path.join(args.out, 'meta.json'), 'w') as f:
-            json.dump(meta, f, indent=1)
+                classes=classes, num_shards=num_shards, shard_size=args.shard_size, num_files=len(paths),
+                files_sha256=files_sha256(args.data, paths), **token_meta(tokenizer))
+    start_cache(args.out, meta, args.rebuild, rank)
     t0, done = time.time(), 0
     for k in range(rank, num_shards, world):
-        if os.path.exists(shard_path(args.out, k, 'labels')):
-            continue  # finished by an earlier run
-        files = ImageFiles(paths[k * args.shard_size:(k + 1) * args.shard_size],
-                           labels[k * args.shard_size:(k + 1) * args.shard_size], args.image_size)
-        loader = torch.utils.data.DataLoader(files, args.batch_size, num_workers=args.workers, collate_fn=as_list)
-        tokens, kept = [], []
+        if not args.rebuild and os.path.exists(shard_path(args.out, k, 'labels')):  # written last: marks it done
+            try:
+                read_shard(args.out, k)
+                continue  # finished by an earlier run
+            except ValueError as e:  # cut short or missing its tokens: encoded again
+                print(f"re-encoding shard {k}: {e}", file=sys.stderr)
+        part = slice(k * args.shard_size, (k + 1) * args.shard_size)
+        loader = torch.utils.data.DataLoader(ImageFiles(paths[part], labels[part], args.image_size), args.batch_size,
+                                             num_workers=args.workers, collate_fn=list)  # keeps None
+        # an empty batch first gives a shard whose files are all unreadable its shape (0, 2, h, w[, D])
+        none = torch.zeros(0, args.image_size, args.image_size, 3, dtype=torch.uint8)
+        tokens, kept = [cache_array(encode_with_mirror(tokenizer, none))], []
         for i, batch in enumerate(loader):
             for image, _, what in batch:
                 if image is None:
@@ -585,11 +657,11 @@ def cache(args):
                       f"{done / (time.time() - t0):.1f} images/s", flush=True)
         save_atomic(shard_path(args.out, k, 'tokens'), np.concatenate(tokens))
         save_atomic(shard_path(args.out, k, 'labels'), np.array(kept, dtype=np.int64))  # last: marks it done
-    print(f"rank {rank}: cache {args.out} complete for its shards")
-
-
-def as_list(batch):
-    return batch  # images may be None (unreadable): cache() sorts them out
+    if all(os.path.exists(shard_path(args.out, k, 'labels')) for k in range(num_shards)):
+        n = len(TokenCache(args.out, meta))  # the checks training makes, so that a cache it would refuse fails here
+        print(f"rank {rank}: cache {args.out} complete: {n} images of {len(classes)} classes")
+    else:
+        print(f"rank {rank}: cache {args.out}: this rank's shards are done, the other ranks' not yet")
 
 
 def shard_path(out, k, what):
@@ -602,24 +674,64 @@ def save_atomic(path, array):
     os.replace(path + '.tmp', path)
 
 
+def read_shard(out, k):
+    """(tokens memory-mapped, labels) of shard k, or a ValueError naming the file that is missing or cut short."""
+    arrays = []
+    for what in ('tokens', 'labels'):
+        path = shard_path(out, k, what)
+        try:
+            arrays.append(np.load(path, mmap_mode='r'))  # reads the header; a file cut short fails to map
+        except (OSError, ValueError, EOFError) as e:  # missing, cut short, or not an .npy file
+            raise ValueError(f"{path} is unreadable ({e})") from None
+    tokens, labels = arrays
+    if len(tokens) != len(labels):
+        raise ValueError(f"{shard_path(out, k, 'tokens')} holds {len(tokens)} images but its labels file {len(labels)}")
+    return tokens, np.array(labels)
+
+
+def check_shards(path, meta, shards, labels):
+    """Refuse a cache whose shards are not what its meta.json says, in one line naming the file or the class."""
+    g, dtype = meta['grid_size'], np.dtype(np.uint16 if 'vocab_size' in meta else np.float16)
+    remake = "rerun its `tokenizers.py cache` command with --rebuild"
+    for k, t in enumerate(shards):
+        if t.shape[1:4] != (2, g, g) or t.shape[1:] != shards[0].shape[1:] or t.dtype != dtype:
+            raise SystemExit(f"error: cache {path}: {shard_path(path, k, 'tokens')} holds {t.dtype} tokens "
+                             f"{t.shape[1:]}, not the {dtype} {g}x{g} grids of its meta.json; {remake}")
+    counts = np.bincount(labels, minlength=meta['num_classes'])  # labels are >= 0: cache() writes class indices
+    if len(counts) > meta['num_classes']:
+        raise SystemExit(f"error: cache {path}: labels beyond the {meta['num_classes']} classes of meta.json; {remake}")
+    # refused, not dropped: dropping a class would shift the labels of the classes after it
+    empty = [c for c, count in zip(meta['classes'], counts) if count == 0]
+    if empty:
+        raise SystemExit(f"error: cache {path}: no image of class {', '.join(empty[:3])}: every file was skipped "
+                         f"when cached (the reasons were printed then); fix or remove them, then {remake}")
+
+
 class TokenCache:
     """The shards of a cache, memory-mapped and indexed as one (M, 2, h, w[, D]) array: only the rows of the
-    batches read are loaded."""
+    batches read are loaded. Shards that disagree with meta.json are refused."""
 
-    def __init__(self, path, num_shards):
+    def __init__(self, path, meta):
+        num_shards = meta['num_shards']
         missing = [k for k in range(num_shards) if not os.path.exists(shard_path(path, k, 'labels'))]
         if missing:
-            raise SystemExit(f"error: --data {path}: shards {missing[:5]} of {num_shards} are not written yet; "
+            raise SystemExit(f"error: cache {path}: shards {missing[:5]} of {num_shards} are not written yet; "
                              f"finish the cache (rerun the same `tokenizers.py cache` command)")
-        self.shards = [np.load(shard_path(path, k, 'tokens'), mmap_mode='r') for k in range(num_shards)]
-        self.labels = np.concatenate([np.load(shard_path(path, k, 'labels')) for k in range(num_shards)])
+        try:
+            shards = [read_shard(path, k) for k in range(num_shards)]
+        except ValueError as e:
+            raise SystemExit(f"error: cache {path}: {e}; rerun the `tokenizers.py cache` command that made it, "
+                             f"which re-encodes a broken shard") from None
+        self.shards = [tokens for tokens, _ in shards]
+        self.labels = np.concatenate([labels for _, labels in shards])
+        check_shards(path, meta, self.shards, self.labels)
         self.offsets = np.cumsum([0] + [len(t) for t in self.shards])
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, rows):  # rows: sorted int array
-        shard = np.searchsorted(self.offsets, rows, side='right') - 1
+        shard = np.searchsorted(self.offsets, rows, side='right') - 1  # an empty shard k shares its offset with k + 1
         return np.concatenate([self.shards[k][rows[shard == k] - self.offsets[k]] for k in np.unique(shard)])
 
 
@@ -647,6 +759,13 @@ class RandomTokens:
         return rng.standard_normal((len(rows), *self.shape), dtype=np.float32).astype(np.float16)
 
 
+def read_meta(path):
+    """CACHE/meta.json as a dict, None if there is none."""
+    if os.path.isfile(os.path.join(path, 'meta.json')):
+        with open(os.path.join(path, 'meta.json')) as f:
+            return json.load(f)
+
+
 def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
     """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
     and its mirror, of the built-in data ('shapes', tokenized here), of random tokens of the paper's shapes
@@ -668,13 +787,13 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
     if not os.path.isdir(data):
         raise SystemExit(f"error: --data {data}: no such directory; use --data shapes (built-in) or make a cache "
                          f"with `python tokenizers.py cache --data IMAGEFOLDER --out {data}`")
-    meta_path = os.path.join(data, 'meta.json')
-    if not os.path.isfile(meta_path):
-        raise SystemExit(f"error: --data {data}: no meta.json there; make a cache with "
-                         f"`python tokenizers.py cache --data IMAGEFOLDER --out {data}` or use --data shapes")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    tokens = TokenCache(data, meta['num_shards'])
+    meta = read_meta(data)
+    if meta is None:  # often the image folder itself: its cache belongs next to it, not inside
+        out = os.path.normpath(data) + '_cache'
+        raise SystemExit(f"error: --data {data}: not a cache (no meta.json); if it is an image folder "
+                         f"(DIR/<class>/<image>), cache it first with `python tokenizers.py cache --data {data} "
+                         f"--out {out}` and train with --data {out}; or use --data shapes")
+    tokens = TokenCache(data, meta)
     return tokens, tokens.labels, meta
 
 
@@ -682,12 +801,14 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('cache', help='tokenize an ImageFolder into a cache directory')
-    p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS))
+    p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
+                   help="pixel: 512 colour ids; pixel_patch: 2x2 patches as 12-d vectors; vq, vae: the paper's")
     p.add_argument('--ckpt', default=None, help='released weights of vq (vq_ds16_c2i.pt) or vae (kl16.ckpt)')
     p.add_argument('--data', required=True, help='ImageFolder root: DIR/<class>/<image>')
     p.add_argument('--image_size', type=int, default=16, help='centre crop size (the paper: 256); grid = size / 16 '
                                                                'for vq and vae, / 2 for pixel_patch, = size for pixel')
-    p.add_argument('--out', required=True, help='cache directory to write')
+    p.add_argument('--out', required=True, help='cache directory to write; a rerun continues it (same flags and files)')
+    p.add_argument('--rebuild', action='store_true', help='delete the cache in --out first, e.g. to change its flags')
     p.add_argument('--batch_size', type=int, default=64, help='images per encoder call (each with its mirror)')
     p.add_argument('--shard_size', type=int, default=10000, help='images per shard file')
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='image decoding processes')
