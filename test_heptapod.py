@@ -3,6 +3,7 @@ Tests for heptapod: python -m pytest -q
 Tiny configs on the CPU with fixed seeds; each test checks one property.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -276,6 +278,21 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     for key in ('model', 'ema'):
         for name, p in straight[key].items():
             torch.testing.assert_close(resumed[key][name], p, atol=0, rtol=0, msg=f"{key}.{name}")
+    # step 4 was logged before the kill and again after the resume: the log keeps it once
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_when_ckpt_pt_is_truncated(tmp_path, capsys):
+    flags = ['--ckpt_interval', '1', '--keep_last', '2']
+    straight = run_train(tmp_path / 'a', '--max_steps', '4', *flags)
+    run_train(tmp_path / 'b', '--max_steps', '3', *flags)  # ckpt_0000002.pt, ckpt_0000003.pt = ckpt.pt
+    with open(tmp_path / 'b' / 'ckpt.pt', 'r+b') as f:
+        f.truncate(1000)  # a hard link: ckpt_0000003.pt is cut short too
+    resumed = run_train(tmp_path / 'b', '--max_steps', '4', *flags, '--resume')
+    assert 'ckpt.pt is unreadable' in capsys.readouterr().out
+    assert resumed['step'] == 4
+    for name, p in straight['model'].items():  # from step 2, the same steps 3 and 4 as the uninterrupted run
+        torch.testing.assert_close(resumed['model'][name], p, atol=0, rtol=0, msg=name)
 
 
 def test_data_shards_of_ranks_are_disjoint_and_cover_the_epoch():
@@ -288,6 +305,14 @@ def test_data_shards_of_ranks_are_disjoint_and_cover_the_epoch():
             assert idx.shape == (5, 2, 256)  # each image and its mirror
             seen += [tuple(row[0].tolist()) for row in idx]
     assert len(set(seen)) == len({tuple(t[0].flatten().tolist()) for t in torch.from_numpy(tokens.astype(np.int64))})
+
+
+def test_nan_loss_from_scratch_says_that_no_checkpoint_was_written(tmp_path, monkeypatch):
+    real_forward = Heptapod.forward
+    monkeypatch.setattr(Heptapod, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
+    with pytest.raises(SystemExit, match='no checkpoint was written yet'):
+        run_train(tmp_path, '--max_steps', '2')
+    assert not list(tmp_path.glob('*.pt'))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -430,7 +455,7 @@ def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
 
 def test_resume_with_other_model_flags_fails_clearly(tmp_path):
     run_train(tmp_path, '--max_steps', '1')
-    with pytest.raises(SystemExit, match='holds a model with config'):
+    with pytest.raises(SystemExit, match=re.escape('holds another model: head global (the flags give linear)')):
         run_train(tmp_path, '--max_steps', '2', '--resume', '--head', 'linear')
 
 
@@ -459,8 +484,8 @@ def test_training_on_a_cache_with_another_tokenizer_flag_fails_clearly(tmp_path,
     tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
     meta = tmp_path / 'cache' / 'meta.json'
     meta.write_text(meta.read_text().replace('"pixel"', '"vq"'))  # a cache of other tokens
-    with pytest.raises(SystemExit, match="holds 'vq' tokens; pass --tokenizer vq"):
-        run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'))
+    with pytest.raises(SystemExit, match="holds 'vq' tokens; drop --tokenizer pixel"):
+        run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--tokenizer', 'pixel')
 
 
 def readme_ablation_flags():
@@ -473,8 +498,9 @@ def readme_ablation_flags():
 @pytest.mark.parametrize('flags', readme_ablation_flags())
 def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
     args = train.get_parser().parse_args(shlex.split(flags) + [
-        '--size', 'tiny', '--batch_size', '2', '--max_steps', '2', '--epochs', '0', '--warmup_epochs', '0',
+        '--size', 'tiny', '--batch_size', '2', '--max_steps', '2', '--warmup_steps', '1',
         '--num_samples', '0', '--log_interval', '1', '--out_dir', str(tmp_path)])
+    args.epochs = args.warmup_epochs = None  # two steps, whatever the row's run length
     train.main(args)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 2 and ckpt['args']['head'] == args.head
@@ -1085,6 +1111,32 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_pat
         run_train(tmp_path, '--max_steps', '4', '--resume')
     monkeypatch.undo()
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+    run_train(tmp_path, '--max_steps', '3', '--resume')  # the next run clears what the killed one left
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    run_train(tmp_path, '--max_steps', '2')
+
+    def disk_full(obj, path):
+        with open(path, 'wb') as f:
+            f.write(b'the first bytes')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(SystemExit, match='No space left on device; the previous checkpoints') as e:
+        run_train(tmp_path, '--max_steps', '4', '--resume')
+    monkeypatch.undo()
+    assert '\n' not in str(e.value) and not list(tmp_path.glob('*.tmp'))
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+
+
+def test_an_out_dir_that_cannot_be_written_fails_before_training(tmp_path, monkeypatch):
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, 'Read-only file system')
+    monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
+    with pytest.raises(SystemExit, match='cannot write there .Read-only file system'):
+        run_train(tmp_path, '--max_steps', '1')
+    assert not list(tmp_path.glob('*'))  # no step ran, nothing was written
 
 
 def test_only_the_last_k_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tmp_path):
@@ -1636,6 +1688,12 @@ def snapshot(root):
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
 
 
+def random_bytes_for_every_checkpoint(ws):
+    for p in (ws / 'run').glob('ckpt*.pt'):
+        p.unlink()
+    (ws / 'run' / 'ckpt.pt').write_bytes(os.urandom(2000))
+
+
 def add_a_class_folder(ws):
     os.makedirs(ws / 'images' / 'birds')
     Image.new('RGB', (20, 20), 'blue').save(ws / 'images' / 'birds' / '0.png')
@@ -1675,6 +1733,31 @@ def labels_of_cats_only(ws):  # a cache in which every file of dogs was unreadab
 # (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+    ('train', '--batch_size 0 --out_dir {ws}/new', None, '--batch_size 0 must be at least 1'),
+    ('train', '--batch_size -4 --out_dir {ws}/new', None, '--batch_size -4 must be at least 1'),
+    ('train', '--ckpt_interval 0 --out_dir {ws}/new', None, '--ckpt_interval 0 must be at least 1'),
+    ('train', '--log_interval 0 --out_dir {ws}/new', None, '--log_interval 0 must be at least 1'),
+    ('train', '--lr -0.001 --out_dir {ws}/new', None, '--lr -0.001 must be positive'),
+    ('train', '--depth 0 --out_dir {ws}/new', None, '--depth 0 must be at least 1'),
+    ('train', '--head local --window 0 --out_dir {ws}/new', None, '--window 0 must be at least 1'),
+    ('train', '--keep_last 0 --out_dir {ws}/new', None, '--keep_last 0 must be at least 1'),
+    ('train', '--max_steps 0 --out_dir {ws}/new', None, '--max_steps 0 must be at least 1'),
+    ('train', '--max_steps -5 --out_dir {ws}/new', None, '--max_steps -5 must be at least 1'),
+    ('train', '--temperature 0 --out_dir {ws}/new', None, '--temperature 0.0 must be positive'),
+    ('train', '--ema 1.5 --out_dir {ws}/new', None, '--ema 1.5 must be in [0, 1)'),
+    ('train', '--global_batch_size 0 --out_dir {ws}/new', None, '--global_batch_size 0 must be at least 1'),
+    ('train', '--epochs 0.0001 --out_dir {ws}/new', None, 'is less than one step'),
+    ('train', '--resume --depth 1 --head_depth 1 --max_steps 1 --out_dir {ws}/run', None,
+     'is at step 2, past the 1 steps'),
+    ('train', '--resume --depth 1 --head_depth 1 --global_batch_size 32 --epochs 0.0032 --out_dir {ws}/run', None,
+     'past the 1 steps'),  # --epochs with a larger batch: fewer steps than the checkpoint's
+    ('train', '--resume --depth 1 --head linear --max_steps 3 --out_dir {ws}/run', None,
+     'head global (the flags give linear)'),
+    ('train', '--resume --max_steps 3 --out_dir {ws}/run', random_bytes_for_every_checkpoint,
+     'none of the checkpoints'),
+    ('train', '--out_dir {ws}/run/ckpt.pt', None, 'cannot write there'),
+    ('train', '--out_dir /proc/heptapod_out', None, 'cannot write there'),
+    ('train', '--data {ws}/cache --tokenizer pixel_patch --out_dir {ws}/new', None, 'drop --tokenizer pixel_patch'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --image_size 32', None, 'image_size 16 -> 32'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --tokenizer pixel_patch --image_size 32', None,
      'tokenizer pixel -> pixel_patch'),

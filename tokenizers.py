@@ -30,6 +30,10 @@ import torch.nn.functional as F
 from collections import OrderedDict
 from PIL import Image
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the module docstring's usage lines as written, and each flag's default."""
+
+
 # -----------------------------------------------------------------------------
 # The pixel tokenizers
 
@@ -798,7 +802,7 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('cache', help='tokenize an ImageFolder into a cache directory')
     p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),

@@ -1,4 +1,4 @@
-"""
+r"""
 Train Heptapod: next 2D distribution prediction (or a 1D baseline of Table 1) on cached tokens.
 
     python train.py                                   # tiny model, built-in shapes, about 4 minutes on a CPU
@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,7 +35,7 @@ import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
 from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
-from tokenizers import TOKENIZERS, load_dataset, make_tokenizer
+from tokenizers import TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
 
 
 def print0(*a, **kw):
@@ -110,10 +111,20 @@ def micro_generator(seed, step, micro, device):
     return torch.Generator(device).manual_seed(hash((seed, step, micro)) % 2 ** 62)
 
 
+# flags whose value must be at least a bound (0 where 0 means 'none' or 'off'), checked before anything is built
+AT_LEAST = dict(batch_size=1, global_batch_size=1, max_steps=1, epochs=1e-9, warmup_steps=0, warmup_epochs=0,
+                lr=1e-12, weight_decay=0, grad_clip=1e-12, depth=1, head_depth=1, window=1, num_samples=0,
+                temperature=1e-12, eval_every=0, eval_images=1, log_interval=1, ckpt_interval=1, keep_last=1,
+                bench_warmup=0, bench_steps=1, npp_levels=1, npp_lambda=1e-12)
+
+
 def check_args(args, meta, world_size):
     """Flag combinations that cannot work fail here, in one line, before anything is built."""
     N = meta['grid_size'] ** 2
-    errors = []
+    errors = [f"--{k} {getattr(args, k)} must be {'positive' if lo and lo < 1 else f'at least {lo}'}"
+              for k, lo in AT_LEAST.items() if getattr(args, k) is not None and getattr(args, k) < lo]
+    if errors:  # the checks below assume sane values
+        raise SystemExit("error: " + "; ".join(errors))
     if not 1 <= args.density <= N:
         errors.append(f"--density {args.density} must be in [1, {N}] (the number of grid positions)")
     if args.head == 'linear' and args.density != 1:
@@ -139,12 +150,12 @@ def check_args(args, meta, world_size):
     if args.head == 'local' and args.order != 'random':
         errors.append("--head local predicts the chunk of a randomly drawn next position: use --order random "
                       "(or --head linear --order raster for the 1D-raster baseline)")
-    if not 0 <= args.class_dropout < 1:
-        errors.append("--class_dropout must be in [0, 1)")
-    if args.head_depth is not None and args.head_depth < 1:
-        errors.append("--head_depth must be >= 1")
-    if meta['tokenizer'] != args.tokenizer:
-        errors.append(f"--data {args.data} holds '{meta['tokenizer']}' tokens; pass --tokenizer {meta['tokenizer']}")
+    for k in ('class_dropout', 'ema', 'beta1', 'beta2'):
+        if not 0 <= getattr(args, k) < 1:
+            errors.append(f"--{k} {getattr(args, k)} must be in [0, 1)")
+    if meta['tokenizer'] != args.tokenizer:  # a cache's tokens say which tokenizer they are
+        errors.append(f"--data {args.data} holds '{meta['tokenizer']}' tokens; drop --tokenizer {args.tokenizer}, "
+                      f"it only chooses how the built-in data is tokenized")
     if args.global_batch_size % (args.batch_size * world_size):
         errors.append(f"--global_batch_size {args.global_batch_size} is not a multiple of --batch_size "
                       f"{args.batch_size} x {world_size} processes")
@@ -228,22 +239,67 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB (process RSS)"  # Linux: KiB
 
 
+def check_out_dir(out_dir):
+    """Make out_dir, check now (not after minutes of training) that files can be written there, and remove the
+    temporary files of a run killed while writing a checkpoint."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {out_dir}: cannot write there ({e.strerror or e}); choose another")
+    for tmp in glob.glob(os.path.join(out_dir, 'ckpt*.pt.tmp')):
+        os.remove(tmp)
+
+
 def save_checkpoint(ckpt, out_dir, keep_last):
     """Write out_dir/ckpt_STEP.pt through a temporary file and a rename (a crash never leaves a half-written
-    file), point out_dir/ckpt.pt at it (a hard link, replaced atomically) and keep the newest keep_last."""
-    path = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
-    torch.save(ckpt, path + '.tmp')
-    os.replace(path + '.tmp', path)
-    latest = os.path.join(out_dir, 'ckpt.pt')
-    if os.path.exists(latest + '.tmp'):
-        os.remove(latest + '.tmp')
+    file), point out_dir/ckpt.pt at it (a hard link, replaced atomically) and keep the newest keep_last.
+    If the disk is full, the partial file goes and the previous checkpoints stay. Returns the path written."""
+    path, latest = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt"), os.path.join(out_dir, 'ckpt.pt')
     try:
-        os.link(path, latest + '.tmp')
-    except OSError:  # a file system without hard links
-        shutil.copyfile(path, latest + '.tmp')
-    os.replace(latest + '.tmp', latest)
+        torch.save(ckpt, path + '.tmp')
+        os.replace(path + '.tmp', path)
+        try:
+            os.link(path, latest + '.tmp')
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, latest + '.tmp')
+        os.replace(latest + '.tmp', latest)
+    except OSError as e:
+        for tmp in (path + '.tmp', latest + '.tmp'):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise SystemExit(f"error: writing {path}: {e.strerror or e}; the previous checkpoints in {out_dir} are kept "
+                         f"(free space, then --resume)")
     for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')))[:-keep_last]:
         os.remove(old)
+    return path
+
+
+def newest_checkpoint(out_dir, device):
+    """(path, checkpoint) of the newest readable checkpoint of out_dir: ckpt.pt, or when a crash or a full disk has
+    left it unreadable, the newest intact ckpt_STEP.pt (saying so)."""
+    latest = os.path.join(out_dir, 'ckpt.pt')
+    paths = [p for p in [latest] + sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')), reverse=True)
+             if os.path.isfile(p)]
+    if not paths:
+        raise SystemExit(f"error: --resume: no checkpoint at {latest} (train.py writes it there)")
+    for path in paths:
+        try:
+            return path, torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:  # truncated, or not a torch file: torch raises several kinds
+            print0(f"--resume: {path} is unreadable ({type(e).__name__}), trying an older checkpoint")
+    raise SystemExit(f"error: --resume: none of the checkpoints in {out_dir} is readable ({', '.join(paths)})")
+
+
+def drop_log_lines_after(path, step):
+    """A resumed run logs the steps after its checkpoint again: drop the lines of those steps from log.jsonl."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)['step'] <= step]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(lines)
+        os.replace(path + '.tmp', path)
 
 
 def main(args):
@@ -260,12 +316,16 @@ def main(args):
     # --- data ---
     if args.dry_run and args.data == 'shapes' and args.tokenizer in ('vq', 'vae'):
         args.data = 'random'  # the paper's data shapes, unread
-    tokens, labels, meta = load_dataset(args.data, args.tokenizer, seed=args.seed)
+    tokens, labels, meta = load_dataset(args.data, args.tokenizer or 'pixel', seed=args.seed)
+    args.tokenizer = args.tokenizer or meta['tokenizer']  # a cache's own; the built-in data's: pixel by default
     meta['num_images'] = len(labels)
     N = meta['grid_size'] ** 2
-    args.window = args.window or N  # the global head's window is the whole grid
+    args.window = N if args.window is None else args.window  # the global head's window is the whole grid
     # the global batch (paper: 2048) = micro-batch x processes x accumulation steps; lr is for the global batch
-    args.global_batch_size = args.global_batch_size or args.batch_size * world_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.batch_size * world_size
+    # how a 1D model is told its target: the paper's shifted positions (Fig. 4 middle), RAR's own for --order rar
+    args.target_position = args.target_position or ('added' if args.order == 'rar' else 'shifted')
     check_args(args, meta, world_size)
     accum = args.global_batch_size // (args.batch_size * world_size)
     steps_per_epoch = len(labels) // args.global_batch_size
@@ -273,17 +333,21 @@ def main(args):
         args.max_steps = round(args.epochs * steps_per_epoch)
     if args.warmup_epochs is not None:
         args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    if args.max_steps < 1:
+        raise SystemExit(f"error: --epochs {args.epochs} is less than one step of {args.global_batch_size} of the "
+                         f"{len(labels)} images")
     kind = f"vocabulary {meta['vocab_size']}" if meta.get('vocab_size') else f"{meta['token_dim']}-d continuous"
     print0(f"data: {args.data}, {len(labels)} images, {meta['grid_size']}x{meta['grid_size']} tokens, "
            f"{kind}, {meta['num_classes']} classes")
 
     # --- model, EMA, optimizer ---
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth else {}))
+    size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth is not None else {}))
     config = dict(vocab_size=meta.get('vocab_size', 0), token_dim=meta.get('token_dim', 0),
                   clip_denoised=meta.get('clip_denoised', False),
                   num_classes=meta['num_classes'], grid_size=meta['grid_size'], head=args.head,
-                  head_depth=args.head_depth, window=args.window if args.head == 'local' else None, **size)
+                  head_depth=args.head_depth, window=args.window if args.head == 'local' else None,
+                  target_position=args.target_position, **size)
     if not config['token_dim']:  # discrete tokens: no diffusion MLP
         config.update(diffusion_width=None, diffusion_depth=None)
     model = Heptapod(**config).to(device)
@@ -305,8 +369,8 @@ def main(args):
             m.grad_checkpointing = True  # read by model.run_block for every block
     flops_per_image = sum(model.flops_per_image(args.density).values())
     peak = peak_flops(device, args.peak_tflops)  # None on CPUs: no MFU
-    print0(f"model: {args.size} ({size['n_layer']} layers, width {size['n_embd']}), head {args.head}"
-           f"{'' if model.head is None else f' ({len(model.head.blocks)} layers, window {args.window})'}, "
+    head = '' if args.head == 'linear' else f" ({config['head_depth']} layers, window {args.window})"
+    print0(f"model: {args.size} ({size['n_layer']} layers, width {size['n_embd']}), head {args.head}{head}, "
            f"order {args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
            f"parameters, {flops_per_image / 1e9:.1f} GFLOP per training image")
     print0(f"batch: {args.global_batch_size} = {args.batch_size} x {world_size} processes x {accum} accumulation "
@@ -314,21 +378,28 @@ def main(args):
 
     # --- resume ---
     step = 0
-    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    ckpt_path = None  # the last checkpoint written or resumed from
+    if master and not args.bench:
+        check_out_dir(args.out_dir)
     if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt_path, ckpt = newest_checkpoint(args.out_dir, device)
+        missing = {'model', 'ema', 'optimizer', 'step', 'config'} - set(ckpt if isinstance(ckpt, dict) else ())
+        if missing:
+            raise SystemExit(f"error: --resume: {ckpt_path} is not a train.py checkpoint (no {', '.join(missing)})")
         if ckpt['config'] != config:
-            raise SystemExit(f"error: --resume: {ckpt_path} holds a model with config {ckpt['config']}, "
-                             f"but the flags give {config}")
+            diff = sorted(k for k in config.keys() | ckpt['config'].keys() if config.get(k) != ckpt['config'].get(k))
+            raise SystemExit(f"error: --resume: {ckpt_path} holds another model: " + ", ".join(
+                f"{k} {ckpt['config'].get(k)} (the flags give {config.get(k)})" for k in diff))
+        if ckpt['step'] > args.max_steps:
+            raise SystemExit(f"error: --resume: {ckpt_path} is at step {ckpt['step']}, past the {args.max_steps} "
+                             f"steps of --max_steps/--epochs; give a longer run (or another --out_dir)")
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
+        if master:
+            drop_log_lines_after(os.path.join(args.out_dir, 'log.jsonl'), step)
         print0(f"resumed from {ckpt_path} at step {step}")
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
     # what turns samples into images (samples.png, --eval_every) and scores them, before the first step
     tokenizer = None
     if not args.bench and (args.eval_every or (master and args.num_samples > 0)):
@@ -365,8 +436,9 @@ def main(args):
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             loss_val, norm_val = loss_sum.item(), grad_norm.item()
             if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                last = f"the last good checkpoint is {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
                 raise SystemExit(f"error: loss {loss_val}, grad norm {norm_val} at step {step}; stopped without "
-                                 f"saving: the last good checkpoint is {ckpt_path} (lower --lr?)")
+                                 f"saving: {last} (lower --lr?)")
             if step % args.log_interval == 0 or step == args.max_steps:
                 dt = (time.time() - t0) / (step - last_log)
                 stats = dict(step=step, loss=loss_val, lr=get_lr(step - 1, args), grad_norm=norm_val,
@@ -381,9 +453,9 @@ def main(args):
                         f.write(json.dumps(stats) + '\n')
                 t0, last_log = time.time(), step
             if master and not args.bench and (step % args.ckpt_interval == 0 or step == args.max_steps):
-                save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                                     optimizer=optimizer.state_dict(), step=step, args=vars(args), config=config,
-                                     data_meta=meta), args.out_dir, args.keep_last)
+                ckpt_path = save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                                                 optimizer=optimizer.state_dict(), step=step, args=vars(args),
+                                                 config=config, data_meta=meta), args.out_dir, args.keep_last)
         if args.eval_every and not args.bench and step > first_step and (step % args.eval_every == 0
                                                                          or step == args.max_steps):
             t_e = time.time()
@@ -424,7 +496,7 @@ def main(args):
             x = cached[a * args.batch_size:(a + 1) * args.batch_size].to(device, non_blocking=True)
             y = labels_b[a * args.batch_size:(a + 1) * args.batch_size].to(device, non_blocking=True)
             B = len(y)
-            flip = torch.randint(2, (B,), generator=gen, device=device)  # the image or its mirror, as MAR
+            flip = torch.randint(2, (B,), generator=gen, device=device) * args.flip  # the image or its mirror (MAR)
             idx = TOKENIZERS[args.tokenizer].from_cache(x[torch.arange(B, device=device), flip], gen)
             if args.class_dropout > 0:  # train the 'no class' token for CFG (Fig. 1 comparison; off in the paper)
                 drop = torch.rand(B, generator=gen, device=device) < args.class_dropout
@@ -462,7 +534,7 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # model
     parser.add_argument('--size', default='tiny', choices=list(SIZES), help='Table 3: B, L, H; tiny/small for CPU')
     parser.add_argument('--depth', type=int, default=None, help="causal layers (default: the size's; Table 4)")
@@ -474,6 +546,9 @@ def get_parser():
     parser.add_argument('--order', default='random', choices=['random', 'raster', 'rar'],
                         help='generation order; rar: random annealed to raster (RAR, with --head linear)')
     parser.add_argument('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
+    parser.add_argument('--target_position', default=None, choices=['shifted', 'added'],
+                        help="how a 1D model (--head linear) is told its target: shifted, the paper's Fig. 4 middle "
+                             "(default), or added, RAR's target-aware embedding (default with --order rar)")
     # the seed baselines: RAR (--order rar) and next-patch prediction (--npp_levels)
     parser.add_argument('--anneal_start', type=float, default=0.5, help='RAR: fraction of training where r leaves 1')
     parser.add_argument('--anneal_end', type=float, default=0.75, help='RAR: fraction of training where r reaches 0')
@@ -484,29 +559,32 @@ def get_parser():
     parser.add_argument('--data', default='shapes',
                         help="'shapes' (built-in), a cache dir from tokenizers.py, or 'random': random tokens of the "
                              "paper's shapes (ImageNet 16x16 tokens, 1000 classes) for --bench and --dry_run")
-    parser.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
-                        help='how the built-in images are tokenized; must match the tokens of a cache')
+    parser.add_argument('--tokenizer', default=None, choices=list(TOKENIZERS),
+                        help="how the built-in data is tokenized (default: pixel); a cache's tokens are its own")
+    parser.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
+                        help='train on each image or its mirror at random (MAR); --no-flip for data whose mirror '
+                             'is another class or none (digits, text, maps)')
     # optimization
     parser.add_argument('--batch_size', type=int, default=16, help='images per process and micro-step')
     parser.add_argument('--global_batch_size', type=int, default=None,
                         help='images per optimizer step (Sec. 5.1: 2048); default: batch_size x processes')
-    parser.add_argument('--max_steps', type=int, default=1300)
+    parser.add_argument('--max_steps', type=int, default=1300, help='optimizer steps (the CPU quick start)')
     parser.add_argument('--epochs', type=float, default=None, help='run length in epochs, sets --max_steps (paper: 800)')
     parser.add_argument('--warmup_epochs', type=float, default=None, help='sets --warmup_steps (MAR: 100)')
     parser.add_argument('--lr', type=float, default=8e-4, help='for the global batch (Sec. 5.1: 8e-4 at 2048)')
     parser.add_argument('--lr_schedule', default='cosine', choices=['constant', 'cosine'],
                         help='after warmup (not in the paper; MAR: constant)')
-    parser.add_argument('--warmup_steps', type=int, default=50)
+    parser.add_argument('--warmup_steps', type=int, default=50, help='linear warmup of the learning rate')
     parser.add_argument('--weight_decay', type=float, default=0.02, help='MAR: 0.02')
     parser.add_argument('--beta1', type=float, default=0.9, help='Sec. 5.1: AdamW (0.9, 0.95)')
-    parser.add_argument('--beta2', type=float, default=0.95)
+    parser.add_argument('--beta2', type=float, default=0.95, help='Sec. 5.1')
     parser.add_argument('--grad_clip', type=float, default=3.0, help='MAR: 3.0')
     parser.add_argument('--ema', type=float, default=0.9999, help='EMA decay (MAR: 0.9999)')
     parser.add_argument('--class_dropout', type=float, default=0.0,
                         help="probability of the 'no class' label, for CFG at sampling (the paper uses none)")
     # sampling at the end of training
     parser.add_argument('--num_samples', type=int, default=40, help='images in out_dir/samples.png (0: none)')
-    parser.add_argument('--temperature', type=float, default=1.0)
+    parser.add_argument('--temperature', type=float, default=1.0, help='of the tokens sampled (the paper: 1)')
     # online evaluation: FID/IS of EMA samples every --eval_every steps and at the end (MAR's), or without
     # --fid_ref the small-image metric (fid.SmallImageMetric: Frechet distance of pixels in a PCA space, class accuracy)
     parser.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: none)')
@@ -516,12 +594,12 @@ def get_parser():
     parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
     parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
     # system
-    parser.add_argument('--out_dir', default='out')
+    parser.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and samples.png go here')
     parser.add_argument('--resume', action='store_true', help='continue from out_dir/ckpt.pt')
-    parser.add_argument('--log_interval', type=int, default=100)
-    parser.add_argument('--ckpt_interval', type=int, default=500)
+    parser.add_argument('--log_interval', type=int, default=100, help='steps between log lines')
+    parser.add_argument('--ckpt_interval', type=int, default=500, help='steps between checkpoints (and at the end)')
     parser.add_argument('--keep_last', type=int, default=2, help='checkpoints kept (ckpt.pt is the newest)')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0, help='of the weights, the data order and every draw')
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                         help='bf16 autocast (default: on for CUDA, off for CPU)')
@@ -530,8 +608,8 @@ def get_parser():
                         help='recompute block activations in backward: less memory, about 1/3 more compute')
     parser.add_argument('--dry_run', action='store_true', help='print the configuration, sizes and FLOPs, then exit')
     parser.add_argument('--bench', action='store_true', help='time --bench_steps steps after --bench_warmup, then exit')
-    parser.add_argument('--bench_warmup', type=int, default=5)
-    parser.add_argument('--bench_steps', type=int, default=20)
+    parser.add_argument('--bench_warmup', type=int, default=5, help='untimed steps before --bench times')
+    parser.add_argument('--bench_steps', type=int, default=20, help='steps --bench times')
     parser.add_argument('--peak_tflops', type=float, default=None,
                         help=f'peak bf16 TFLOP/s per device for MFU, when not one of {list(PEAK_TFLOPS)}')
     return parser
