@@ -114,7 +114,7 @@ def micro_generator(seed, step, micro, device):
 # flags whose value must be at least a bound (0 where 0 means 'none' or 'off'), checked before anything is built
 AT_LEAST = dict(batch_size=1, global_batch_size=1, max_steps=1, epochs=1e-9, warmup_steps=0, warmup_epochs=0,
                 lr=1e-12, weight_decay=0, grad_clip=1e-12, depth=1, head_depth=1, window=1, num_samples=0,
-                temperature=1e-12, eval_every=0, eval_images=1, log_interval=1, ckpt_interval=1, keep_last=1,
+                temperature=1e-12, eval_every=0, eval_images=1, eval_batch_size=1, log_interval=1, ckpt_interval=1, keep_last=1,
                 bench_warmup=0, bench_steps=1, npp_levels=1, npp_lambda=1e-12)
 
 
@@ -220,9 +220,10 @@ def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_s
     labels = (torch.arange(args.eval_images, device=device) % meta['num_classes'])[rank::world_size]
     g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank)
     feats = []
-    for b in range(0, len(labels), args.batch_size):
+    batch_size = args.eval_batch_size or args.batch_size
+    for b in range(0, len(labels), batch_size):
         with autocast:
-            tokens = generate(ema.eval(), labels[b:b + args.batch_size], args.order, g, args.temperature)
+            tokens = generate(ema.eval(), labels[b:b + batch_size], args.order, g, args.temperature)
         feats.append(featurize(decode(tokenizer, tokens, meta['grid_size'])))
     feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
     feats['labels'] = labels.cpu().numpy()
@@ -591,6 +592,7 @@ def get_parser():
     parser.add_argument('--fid_ref', default=None,
                         help="reference batch .npz (fid.py's layout) or image set; none: the small-image metric")
     parser.add_argument('--eval_images', type=int, default=5000, help='samples per evaluation (the paper: 50000)')
+    parser.add_argument('--eval_batch_size', type=int, default=None, help='images per sampling batch (default: --batch_size)')
     parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
     parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
     # system
