@@ -173,15 +173,36 @@ def save_grid(images, path, ncol):
 def load_checkpoint(path, device='cpu'):
     """A train.py checkpoint, read without unpickling arbitrary objects."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --ckpt {path}: no such file (train.py writes out_dir/ckpt.pt)")
+        raise SystemExit(f"error: {path}: no such file (train.py writes out_dir/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --ckpt {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    except Exception as e:  # torch's own message spans lines and suggests weights_only=False: name the type only
+        raise SystemExit(f"error: {path}: not a readable PyTorch checkpoint ({type(e).__name__}): damaged, or not "
+                         f"written by train.py (out_dir/ckpt.pt, or an earlier out_dir/ckpt_STEP.pt)")
     missing = {'config', 'model', 'ema', 'args', 'data_meta'} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
-        raise SystemExit(f"error: --ckpt {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
+        raise SystemExit(f"error: {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
     return ckpt
+
+
+def load_weights(model, state, path, what='model'):
+    """Load the state dict `state` (entry `what` of the file `path`) into `model` strictly, or stop in one `error:`
+    line that names the file and the first missing, unexpected, wrongly shaped or non-finite entries."""
+    own, state = model.state_dict(), state if isinstance(state, dict) else {}
+    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    some = lambda keys, kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa
+    problems = [some(keys, kind) for kind, keys in [
+        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
+        ('wrongly shaped', [f"{k}: {shape(v)} in the file, {shape(own[k])} in the model" for k, v in state.items()
+                            if k in own and shape(v) != shape(own[k])])] if keys]
+    if problems:
+        raise SystemExit(f"error: {path}: its '{what}' weights do not fit the model: {'; '.join(problems)}")
+    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
+    if bad:
+        raise SystemExit(f"error: {path}: its '{what}' weights hold NaN or inf in {some(bad, 'of their tensors')}: "
+                         f"the run diverged before this checkpoint; use an earlier out_dir/ckpt_STEP.pt")
+    model.load_state_dict(state)
+    return model
 
 
 def load_prefix(args, meta, tokenizer, grid_size, device):
@@ -224,8 +245,8 @@ def main(args):
     ddp, rank, world_size, device = init_distributed(args.device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
     ckpt = load_checkpoint(args.ckpt, device)
-    model = Heptapod(**ckpt['config']).to(device).eval()
-    model.load_state_dict(ckpt['ema' if args.ema else 'model'])
+    what = 'ema' if args.ema else 'model'
+    model = load_weights(Heptapod(**ckpt['config']).to(device).eval(), ckpt[what], args.ckpt, what)
     if model.config['token_dim']:
         model.token_head.sample_diffusion = GaussianDiffusion(args.diffusion_steps).to(device)
     if args.compile:  # the per-step work: the head over the grid and the cached decoding step

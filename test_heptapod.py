@@ -314,6 +314,20 @@ def test_sample_cli_writes_npz_in_the_adm_layout(tmp_path):
     assert (tmp_path / 'samples.png').is_file()
 
 
+def test_load_weights_names_the_file_and_the_first_unfit_or_non_finite_entries():
+    good, key = tiny_model().state_dict(), 'transformer.cls_emb.weight'
+    for state, message in [({k: v for k, v in good.items() if k != key}, rf"1 missing \({key}\)"),
+                           (dict(good, extra=torch.zeros(1)), r"1 unexpected \(extra\)"),
+                           (dict(good, **{key: torch.zeros(3, 3)}),
+                            rf"1 wrongly shaped \({key}: \(3, 3\) in the file, \(11, 32\) in the model\)"),
+                           (dict(good, **{key: good[key] / 0}), rf"NaN or inf in 1 of their tensors \({key}\)")]:
+        with pytest.raises(SystemExit, match=rf"^error: x.pt: its 'ema' weights .*{message}") as e:
+            sample.load_weights(tiny_model(), state, 'x.pt', 'ema')
+        assert '\n' not in str(e.value)
+    model = sample.load_weights(tiny_model(), {k: v + 1 for k, v in good.items()}, 'x.pt', 'ema')
+    assert torch.equal(model.state_dict()[key], good[key] + 1)
+
+
 # -----------------------------------------------------------------------------
 # tokenizers and data
 
@@ -1468,9 +1482,44 @@ def snapshot(root):
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
 
 
+def edit_checkpoint(ws, edit):
+    """ws/run/edited.pt: the trained checkpoint with edit() applied to its EMA weights."""
+    ckpt = torch.load(ws / 'run' / 'ckpt.pt', weights_only=True)
+    edit(ckpt['ema'])
+    torch.save(ckpt, ws / 'run' / 'edited.pt')
+
+
+def a_missing_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd.pop('transformer.cls_emb.weight'))
+
+
+def an_extra_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd.update({'transformer.extra.weight': torch.zeros(2)}))
+
+
+def a_wrongly_shaped_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd.update({'transformer.cls_emb.weight': torch.zeros(3, 3)}))
+
+
+def a_nan_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd['transformer.pos_emb.weight'].view(-1)[5:7].fill_(float('nan')))
+
+
+def random_bytes_checkpoint(ws):
+    (ws / 'run' / 'edited.pt').write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+EDITED = '--ckpt {ws}/run/edited.pt --out {ws}/new'
+
 # (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+    # sample.py checkpoints
+    ('sample', EDITED, a_missing_weight, '1 missing (transformer.cls_emb.weight)'),
+    ('sample', EDITED, an_extra_weight, '1 unexpected (transformer.extra.weight)'),
+    ('sample', EDITED, a_wrongly_shaped_weight, 'transformer.cls_emb.weight: (3, 3) in the file, (11, 64) in the'),
+    ('sample', EDITED, a_nan_weight, 'NaN or inf in 1 of their tensors (transformer.pos_'),
+    ('sample', EDITED, random_bytes_checkpoint, 'edited.pt: not a readable PyTorch checkpoint'),
 ]
 
 
