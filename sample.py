@@ -205,16 +205,49 @@ def load_weights(model, state, path, what='model'):
     return model
 
 
+def check_args(args, ckpt):
+    """Flags that cannot work with this checkpoint fail here, in one line, before anything is built or written."""
+    config, V, classes = ckpt['config'], ckpt['config']['vocab_size'], ckpt['config']['num_classes']
+    checks = [  # (what is wrong, the message)
+        (args.num_images < 1, f"--num_images {args.num_images} must be >= 1"),
+        (args.batch_size < 1, f"--batch_size {args.batch_size} must be >= 1"),
+        (args.temperature <= 0, f"--temperature {args.temperature} must be > 0 (1: the model's distribution)"),
+        (args.class_label is not None and not 0 <= args.class_label < classes,
+         f"--class_label {args.class_label} must be in [0, {classes - 1}] (the model's classes)"),
+        (args.top_k is not None and not 1 <= args.top_k <= V, f"--top_k {args.top_k} must be in [1, {V}] (the "
+         f"vocabulary)" if V else "--top_k applies to discrete tokens; this model's tokens are continuous"),
+        (args.num_steps is not None and not 1 <= args.num_steps <= config['grid_size'] ** 2,
+         f"--num_steps {args.num_steps} must be in [1, {config['grid_size'] ** 2}] (the grid's positions)"),
+        (not 1 <= args.diffusion_steps <= 1000,  # respaced from the 1000 trained steps (heads.GaussianDiffusion)
+         f"--diffusion_steps {args.diffusion_steps} must be in [1, 1000] (MAR: 100)"),
+        (args.cfg != 1.0 and not ckpt['args'].get('class_dropout'),
+         f"--cfg {args.cfg} needs a model trained with --class_dropout > 0: this one never saw the 'no class' "
+         f"label, so its embedding is untrained (sample with --cfg 1, the paper's setting)")]
+    errors = [message for wrong, message in checks if wrong]
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
+
+
 def load_prefix(args, meta, tokenizer, grid_size, device):
     """(tokens (1, N[, D]), keep (1, N) bool) from --prefix_image and --keep_mask (white: keep)."""
-    for path in (args.prefix_image, args.keep_mask):
-        if path is None or not os.path.isfile(path):
-            raise SystemExit(f"error: --prefix_image and --keep_mask need two image files (got {path})")
-    with Image.open(args.prefix_image) as im:
-        image = torch.from_numpy(center_crop_arr(im.convert('RGB'), meta['image_size']))[None]  # (1, H, W, 3)
+    images = {}
+    for flag, path, mode in (('--prefix_image', args.prefix_image, 'RGB'), ('--keep_mask', args.keep_mask, 'L')):
+        if path is None:
+            raise SystemExit("error: --prefix_image and --keep_mask go together: give both image files")
+        try:  # convert() reads the whole file, so a truncated one fails here too
+            with Image.open(path) as im:
+                images[flag] = im.convert(mode)
+        except Exception as e:  # missing, not an image, truncated, over PIL's size limit
+            raise SystemExit(f"error: {flag} {path}: not a readable image ({type(e).__name__})")
+    mask = np.array(images['--keep_mask'].resize((grid_size, grid_size), Image.NEAREST)) > 127  # (h, w)
+    left = grid_size ** 2 - int(mask.sum())  # the positions to generate
+    if left == 0:
+        raise SystemExit(f"error: --keep_mask {args.keep_mask} is white everywhere, so it keeps every token and "
+                         f"leaves none to generate (black marks the positions to generate)")
+    if (args.num_steps or 1) > left:
+        raise SystemExit(f"error: --num_steps {args.num_steps} is more than the {left} positions --keep_mask leaves")
+    image = torch.from_numpy(center_crop_arr(images['--prefix_image'], meta['image_size']))[None]  # (1, H, W, 3)
     tokens = tokenizer.from_cache(tokenizer.encode(image), torch.Generator(device).manual_seed(args.seed))
-    with Image.open(args.keep_mask) as im:
-        mask = np.array(im.convert('L').resize((grid_size, grid_size), Image.NEAREST)) > 127  # (h, w)
     return tokens.flatten(1, 2).to(device), torch.from_numpy(mask).flatten()[None].to(device)
 
 
@@ -245,6 +278,7 @@ def main(args):
     ddp, rank, world_size, device = init_distributed(args.device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else nullcontext()
     ckpt = load_checkpoint(args.ckpt, device)
+    check_args(args, ckpt)
     what = 'ema' if args.ema else 'model'
     model = load_weights(Heptapod(**ckpt['config']).to(device).eval(), ckpt[what], args.ckpt, what)
     if model.config['token_dim']:
@@ -332,7 +366,7 @@ def get_parser():
                         help='balanced: equally many of each class (MAR: 50 per class); random: uniform')
     parser.add_argument('--class_label', type=int, default=None, help='one class for all images')
     # sampling
-    parser.add_argument('--temperature', type=float, default=1.0)
+    parser.add_argument('--temperature', type=float, default=1.0, help='> 0; 1 samples the model distribution')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
     parser.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale; 1 = off (the paper)')
     parser.add_argument('--num_steps', type=int, default=None, help='decoding steps (default: one per token)')

@@ -1509,11 +1509,60 @@ def random_bytes_checkpoint(ws):
     (ws / 'run' / 'edited.pt').write_bytes(np.random.default_rng(0).bytes(4096))
 
 
+def continuous_checkpoint(ws):
+    run_train(ws / 'continuous', '--max_steps', '1', '--tokenizer', 'pixel_patch')
+
+
+def prefix_files(ws, keep_columns=8):
+    """ws/image.png, a shapes image, and ws/mask.png, white (keep) on its first keep_columns of 16 columns."""
+    Image.fromarray(tokenizers.make_shapes(1, seed=5)[0][0].numpy()).save(ws / 'image.png')
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :keep_columns] = 255
+    Image.fromarray(mask).save(ws / 'mask.png')
+
+
+def a_white_keep_mask(ws):
+    prefix_files(ws, keep_columns=16)
+
+
+def an_unreadable_prefix_image(ws):
+    prefix_files(ws)
+    (ws / 'image.png').write_bytes(b'not a png')
+
+
+def a_truncated_keep_mask(ws):
+    prefix_files(ws)
+    (ws / 'mask.png').write_bytes((ws / 'mask.png').read_bytes()[:40])
+
+
+NEW = '--ckpt {ws}/run/ckpt.pt --out {ws}/new'
 EDITED = '--ckpt {ws}/run/edited.pt --out {ws}/new'
+PREFIX = NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/mask.png'
 
 # (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+    # sample.py flags
+    ('sample', NEW + ' --cfg 1.5', None, '--class_dropout'),
+    ('sample', NEW + ' --diffusion_steps 0', None, '--diffusion_steps 0'),
+    ('sample', NEW + ' --diffusion_steps -5', None, '--diffusion_steps -5'),
+    ('sample', NEW + ' --temperature 0', None, '--temperature 0'),
+    ('sample', NEW + ' --temperature -1', None, '--temperature -1'),
+    ('sample', NEW + ' --class_label 10', None, '[0, 9]'),
+    ('sample', NEW + ' --class_label -1', None, '--class_label -1'),
+    ('sample', NEW + ' --top_k 513', None, '[1, 512]'),
+    ('sample', NEW + ' --top_k 0', None, '--top_k 0'),
+    ('sample', '--ckpt {ws}/continuous/ckpt.pt --out {ws}/new --top_k 5', continuous_checkpoint, 'continuous'),
+    ('sample', NEW + ' --num_images 0', None, '--num_images 0'),
+    ('sample', NEW + ' --batch_size 0', None, '--batch_size 0'),
+    ('sample', NEW + ' --batch_size -2', None, '--batch_size -2'),
+    ('sample', NEW + ' --num_steps 0', None, '--num_steps 0'),
+    ('sample', NEW + ' --num_steps 257', None, '[1, 256]'),
+    ('sample', PREFIX, a_white_keep_mask, 'white everywhere'),
+    ('sample', PREFIX + ' --num_steps 200', prefix_files, 'the 128 positions'),
+    ('sample', PREFIX, an_unreadable_prefix_image, 'image.png'),
+    ('sample', PREFIX, a_truncated_keep_mask, 'mask.png'),
+    ('sample', NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/none.png', prefix_files, 'none.png'),
     # sample.py checkpoints
     ('sample', EDITED, a_missing_weight, '1 missing (transformer.cls_emb.weight)'),
     ('sample', EDITED, an_extra_weight, '1 unexpected (transformer.extra.weight)'),
