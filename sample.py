@@ -12,9 +12,13 @@ causal Transformer through its KV cache, until the grid is full. No classifier-f
     python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs per image, MFU
 
 writes the .npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout), a .png
-grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again.
+grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again with
+the same checkpoint and flags (--num_images may change); an --out of other samples is refused (--overwrite).
 """
 import argparse
+import glob
+import hashlib
+import json
 import math
 import os
 import time
@@ -251,6 +255,54 @@ def load_prefix(args, meta, tokenizer, grid_size, device):
     return tokens.flatten(1, 2).to(device), torch.from_numpy(mask).flatten()[None].to(device)
 
 
+def file_hash(path):
+    """The first 16 hex digits of the file's sha256: what identifies a checkpoint, whatever its name or date."""
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()[:16]
+
+
+def class_labels(args, num_classes):
+    """(num_images,) labels: balanced (num_images / classes of each, as MAR's 50 per class), random (one seed for
+    all ranks) or --class_label. The first n never depend on --num_images (torch's CPU randint draws in order),
+    so that a longer run extends a shorter one."""
+    if args.class_label is not None:
+        return torch.full((args.num_images,), args.class_label)
+    if args.labels == 'balanced':
+        return torch.arange(args.num_images) % num_classes
+    return torch.randint(num_classes, (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
+
+
+def prepare_out(args, root, npz, meta, rank):
+    """Let --out continue only samples of the same weights and flags: root/settings.json (the flags that change
+    images, hashes of the files read) must equal this run's, else refuse in one line, or with --overwrite delete
+    the other run's batches, images and .npz. Every rank checks; rank 0 writes."""
+    # not --num_images: seeds and labels follow the batch index (a shorter last batch is sampled again when the
+    # run grows); not --device, --compile or the number of processes
+    flags = ('ema', 'batch_size', 'labels', 'class_label', 'seed', 'temperature', 'top_k', 'cfg', 'num_steps',
+             'position_order', 'diffusion_steps')
+    files = dict(ckpt=args.ckpt, tokenizer_ckpt=args.tokenizer_ckpt or meta.get('ckpt'),
+                 prefix_image=args.prefix_image, keep_mask=args.keep_mask)
+    settings = {k: getattr(args, k) for k in flags} | {f'{k} sha256': p and file_hash(p) for k, p in files.items()}
+    record, old = os.path.join(root, 'settings.json'), None
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+    made = glob.glob(os.path.join(root, 'batch_*.npz')) + glob.glob(os.path.join(root, 'images', '[0-9]*.png'))
+    made += [f for f in (npz, os.path.splitext(npz)[0] + '.png') if os.path.isfile(f)]
+    if made and old != settings and not args.overwrite:
+        diff = 'no settings.json' if old is None else ', '.join(
+            f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+        raise SystemExit(f"error: --out {args.out} holds samples of other settings ({diff}); use another --out, or "
+                         f"add --overwrite to delete them and start afresh")
+    if rank == 0:
+        for f in made if old != settings else ():  # --overwrite
+            os.remove(f)
+        os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+        with open(record + '.tmp', 'w') as f:  # whole or not at all
+            json.dump(settings, f, indent=1)
+        os.replace(record + '.tmp', record)
+
+
 def sampling_flops(model, num_steps, diffusion_steps, cfg):
     """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the
     head once per step over the whole grid (global) or the next chunk (local), the token head once per
@@ -317,24 +369,19 @@ def main(args):
               f"{flops / 1e9:.1f} GFLOP per image; MFU {'-' if peak is None else f'{100 * flops * ips / peak:.1f}%'}")
         return
 
-    # labels: balanced (num_images / classes of each, as MAR's 50 per class) or random; one seed for all ranks
-    if args.labels == 'balanced':
-        labels = torch.arange(args.num_images) % meta['num_classes']
-    else:
-        g = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(meta['num_classes'], (args.num_images,), generator=g)
-    if args.class_label is not None:
-        labels.fill_(args.class_label)
+    labels = class_labels(args, meta['num_classes'])
     root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
-    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    prepare_out(args, root, npz, meta, rank)
+    if ddp:
+        dist.barrier()  # rank 0 has emptied (--overwrite) and made the directory
     batches = range(math.ceil(args.num_images / args.batch_size))
     t0, done = time.time(), 0
     for k in batches[rank::world_size]:
         part = os.path.join(root, f'batch_{k:05d}.npz')
-        if os.path.exists(part):
-            continue  # finished by an earlier run
         y = labels[k * args.batch_size:(k + 1) * args.batch_size]
+        if os.path.exists(part) and np.array_equal(np.load(part)['labels'], y.numpy()):
+            continue  # finished by an earlier run of these settings (its last batch may have been shorter)
         images = sample_batch(k, y.to(device))
         for i, im in enumerate(images):
             Image.fromarray(im).save(os.path.join(root, 'images', f'{k * args.batch_size + i:06d}.png'))
@@ -361,6 +408,8 @@ def get_parser():
     parser.add_argument('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
     parser.add_argument('--num_images', type=int, default=100, help='the paper: 50000')
     parser.add_argument('--out', default='samples.npz', help='the .npz to write, or a directory for samples.npz')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='if --out holds samples of another checkpoint or flags, delete them and start afresh')
     parser.add_argument('--batch_size', type=int, default=100, help='images per batch and process')
     parser.add_argument('--labels', default='balanced', choices=['balanced', 'random'],
                         help='balanced: equally many of each class (MAR: 50 per class); random: uniform')

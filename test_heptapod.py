@@ -314,6 +314,44 @@ def test_sample_cli_writes_npz_in_the_adm_layout(tmp_path):
     assert (tmp_path / 'samples.png').is_file()
 
 
+def sample_cli(*argv):
+    sample.main(sample.get_parser().parse_args([str(a) for a in argv]))
+
+
+def test_an_out_of_another_checkpoint_or_other_flags_is_refused_unchanged_until_overwrite(tmp_path):
+    run_train(tmp_path / 'a', '--max_steps', '1')
+    run_train(tmp_path / 'b', '--max_steps', '1', '--seed', '1')  # another model
+    argv = ['--num_images', '4', '--batch_size', '2', '--num_steps', '16', '--out', tmp_path / 's.npz']
+    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv)
+    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt_0000001.pt', *argv)  # the same file under another name continues
+    before, first = snapshot(tmp_path), np.load(tmp_path / 's.npz')['arr_0']
+    for other in (['--ckpt', tmp_path / 'b' / 'ckpt.pt'], ['--temperature', 0.5], ['--num_steps', 8], ['--top_k', 5],
+                  ['--seed', 1], ['--no-ema'], ['--batch_size', 1], ['--labels', 'random'], ['--class_label', 3],
+                  ['--position_order', 'raster']):
+        with pytest.raises(SystemExit, match=r'^error: .*other settings .*--overwrite') as e:
+            sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv, *other)
+        assert '\n' not in str(e.value)
+    assert snapshot(tmp_path) == before  # nothing written, nothing deleted
+    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv, '--overwrite')
+    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv[:-1], tmp_path / 'fresh.npz')
+    overwritten, fresh = np.load(tmp_path / 's.npz')['arr_0'], np.load(tmp_path / 'fresh.npz')['arr_0']
+    assert np.array_equal(overwritten, fresh) and not np.array_equal(overwritten, first)
+
+
+@pytest.mark.parametrize('labels', ['balanced', 'random'])
+def test_more_images_into_the_same_out_continue_the_run_with_the_images_of_a_fresh_one(labels, tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', tmp_path / 'ckpt.pt', '--batch_size', 2, '--num_steps', 16, '--labels', labels]
+    sample_cli(*argv, '--num_images', 3, '--out', tmp_path / 's.npz')  # batch 1 holds one image
+    kept = (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns
+    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 's.npz')
+    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 'fresh.npz')
+    assert (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns == kept  # continued, not redone
+    grown, fresh = np.load(tmp_path / 's.npz'), np.load(tmp_path / 'fresh.npz')
+    assert len(grown['arr_0']) == 5 and np.array_equal(grown['arr_0'], fresh['arr_0'])
+    assert np.array_equal(grown['arr_1'], fresh['arr_1'])
+
+
 def test_load_weights_names_the_file_and_the_first_unfit_or_non_finite_entries():
     good, key = tiny_model().state_dict(), 'transformer.cls_emb.weight'
     for state, message in [({k: v for k, v in good.items() if k != key}, rf"1 missing \({key}\)"),
@@ -1489,6 +1527,10 @@ def edit_checkpoint(ws, edit):
     torch.save(ckpt, ws / 'run' / 'edited.pt')
 
 
+def another_model(ws):
+    edit_checkpoint(ws, lambda sd: sd['transformer.cls_emb.weight'].add_(0.01))
+
+
 def a_missing_weight(ws):
     edit_checkpoint(ws, lambda sd: sd.pop('transformer.cls_emb.weight'))
 
@@ -1507,6 +1549,10 @@ def a_nan_weight(ws):
 
 def random_bytes_checkpoint(ws):
     (ws / 'run' / 'edited.pt').write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def samples_without_settings(ws):  # as an older sample.py left them
+    (ws / 'samples' / 'settings.json').unlink()
 
 
 def continuous_checkpoint(ws):
@@ -1535,6 +1581,7 @@ def a_truncated_keep_mask(ws):
     (ws / 'mask.png').write_bytes((ws / 'mask.png').read_bytes()[:40])
 
 
+SAMPLES = '--ckpt {ws}/run/ckpt.pt --num_images 2 --batch_size 2 --out {ws}/samples'  # how samples/ was made
 NEW = '--ckpt {ws}/run/ckpt.pt --out {ws}/new'
 EDITED = '--ckpt {ws}/run/edited.pt --out {ws}/new'
 PREFIX = NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/mask.png'
@@ -1542,6 +1589,11 @@ PREFIX = NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/mask.png'
 # (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+    # sample.py into an --out of other settings: refused, samples/ untouched
+    ('sample', SAMPLES + ' --temperature 0.5', None, 'temperature 1.0 -> 0.5'),
+    ('sample', SAMPLES + ' --batch_size 1', None, 'batch_size 2 -> 1'),
+    ('sample', SAMPLES.replace('ckpt.pt', 'edited.pt'), another_model, 'ckpt sha256'),
+    ('sample', SAMPLES, samples_without_settings, 'no settings.json'),
     # sample.py flags
     ('sample', NEW + ' --cfg 1.5', None, '--class_dropout'),
     ('sample', NEW + ' --diffusion_steps 0', None, '--diffusion_steps 0'),
