@@ -12,9 +12,13 @@ causal Transformer through its KV cache, until the grid is full. No classifier-f
     python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs per image, MFU
 
 writes the .npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout), a .png
-grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again.
+grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again with
+the same checkpoint and flags (--num_images may change); an --out of other samples is refused (--overwrite).
 """
 import argparse
+import glob
+import hashlib
+import json
 import math
 import os
 import time
@@ -172,28 +176,130 @@ def save_grid(images, path, ncol):
 def load_checkpoint(path, device='cpu'):
     """A train.py checkpoint, read without unpickling arbitrary objects."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --ckpt {path}: no such file (train.py writes out_dir/ckpt.pt)")
+        raise SystemExit(f"error: {path}: no such file (train.py writes out_dir/ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --ckpt {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    except Exception as e:  # torch's own message spans lines and suggests weights_only=False: name the type only
+        raise SystemExit(f"error: {path}: not a readable PyTorch checkpoint ({type(e).__name__}): damaged, or not "
+                         f"written by train.py (out_dir/ckpt.pt, or an earlier out_dir/ckpt_STEP.pt)")
     missing = {'config', 'model', 'ema', 'args', 'data_meta'} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
-        raise SystemExit(f"error: --ckpt {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
+        raise SystemExit(f"error: {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
     return ckpt
+
+
+def load_weights(model, state, path, what='model'):
+    """Load the state dict `state` (entry `what` of the file `path`) into `model` strictly, or stop in one `error:`
+    line that names the file and the first missing, unexpected, wrongly shaped or non-finite entries."""
+    own, state = model.state_dict(), state if isinstance(state, dict) else {}
+    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    some = lambda keys, kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa
+    problems = [some(keys, kind) for kind, keys in [
+        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
+        ('wrongly shaped', [f"{k}: {shape(v)} in the file, {shape(own[k])} in the model" for k, v in state.items()
+                            if k in own and shape(v) != shape(own[k])])] if keys]
+    if problems:
+        raise SystemExit(f"error: {path}: its '{what}' weights do not fit the model: {'; '.join(problems)}")
+    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
+    if bad:
+        raise SystemExit(f"error: {path}: its '{what}' weights hold NaN or inf in {some(bad, 'of their tensors')}: "
+                         f"the run diverged before this checkpoint; use an earlier out_dir/ckpt_STEP.pt")
+    model.load_state_dict(state)
+    return model
+
+
+def check_args(args, ckpt):
+    """Flags that cannot work with this checkpoint fail here, in one line, before anything is built or written."""
+    config, V, classes = ckpt['config'], ckpt['config']['vocab_size'], ckpt['config']['num_classes']
+    checks = [  # (what is wrong, the message)
+        (args.num_images < 1, f"--num_images {args.num_images} must be >= 1"),
+        (args.batch_size < 1, f"--batch_size {args.batch_size} must be >= 1"),
+        (args.temperature <= 0, f"--temperature {args.temperature} must be > 0 (1: the model's distribution)"),
+        (args.class_label is not None and not 0 <= args.class_label < classes,
+         f"--class_label {args.class_label} must be in [0, {classes - 1}] (the model's classes)"),
+        (args.top_k is not None and not 1 <= args.top_k <= V, f"--top_k {args.top_k} must be in [1, {V}] (the "
+         f"vocabulary)" if V else "--top_k applies to discrete tokens; this model's tokens are continuous"),
+        (args.num_steps is not None and not 1 <= args.num_steps <= config['grid_size'] ** 2,
+         f"--num_steps {args.num_steps} must be in [1, {config['grid_size'] ** 2}] (the grid's positions)"),
+        (not 1 <= args.diffusion_steps <= 1000,  # respaced from the 1000 trained steps (heads.GaussianDiffusion)
+         f"--diffusion_steps {args.diffusion_steps} must be in [1, 1000] (MAR: 100)"),
+        (args.cfg != 1.0 and not ckpt['args'].get('class_dropout'),
+         f"--cfg {args.cfg} needs a model trained with --class_dropout > 0: this one never saw the 'no class' "
+         f"label, so its embedding is untrained (sample with --cfg 1, the paper's setting)")]
+    errors = [message for wrong, message in checks if wrong]
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
 
 
 def load_prefix(args, meta, tokenizer, grid_size, device):
     """(tokens (1, N[, D]), keep (1, N) bool) from --prefix_image and --keep_mask (white: keep)."""
-    for path in (args.prefix_image, args.keep_mask):
-        if path is None or not os.path.isfile(path):
-            raise SystemExit(f"error: --prefix_image and --keep_mask need two image files (got {path})")
-    with Image.open(args.prefix_image) as im:
-        image = torch.from_numpy(center_crop_arr(im.convert('RGB'), meta['image_size']))[None]  # (1, H, W, 3)
+    images = {}
+    for flag, path, mode in (('--prefix_image', args.prefix_image, 'RGB'), ('--keep_mask', args.keep_mask, 'L')):
+        if path is None:
+            raise SystemExit("error: --prefix_image and --keep_mask go together: give both image files")
+        try:  # convert() reads the whole file, so a truncated one fails here too
+            with Image.open(path) as im:
+                images[flag] = im.convert(mode)
+        except Exception as e:  # missing, not an image, truncated, over PIL's size limit
+            raise SystemExit(f"error: {flag} {path}: not a readable image ({type(e).__name__})")
+    mask = np.array(images['--keep_mask'].resize((grid_size, grid_size), Image.NEAREST)) > 127  # (h, w)
+    left = grid_size ** 2 - int(mask.sum())  # the positions to generate
+    if left == 0:
+        raise SystemExit(f"error: --keep_mask {args.keep_mask} is white everywhere, so it keeps every token and "
+                         f"leaves none to generate (black marks the positions to generate)")
+    if (args.num_steps or 1) > left:
+        raise SystemExit(f"error: --num_steps {args.num_steps} is more than the {left} positions --keep_mask leaves")
+    image = torch.from_numpy(center_crop_arr(images['--prefix_image'], meta['image_size']))[None]  # (1, H, W, 3)
     tokens = tokenizer.from_cache(tokenizer.encode(image), torch.Generator(device).manual_seed(args.seed))
-    with Image.open(args.keep_mask) as im:
-        mask = np.array(im.convert('L').resize((grid_size, grid_size), Image.NEAREST)) > 127  # (h, w)
     return tokens.flatten(1, 2).to(device), torch.from_numpy(mask).flatten()[None].to(device)
+
+
+def file_hash(path):
+    """The first 16 hex digits of the file's sha256: what identifies a checkpoint, whatever its name or date."""
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()[:16]
+
+
+def class_labels(args, num_classes):
+    """(num_images,) labels: balanced (num_images / classes of each, as MAR's 50 per class), random (one seed for
+    all ranks) or --class_label. The first n never depend on --num_images (torch's CPU randint draws in order),
+    so that a longer run extends a shorter one."""
+    if args.class_label is not None:
+        return torch.full((args.num_images,), args.class_label)
+    if args.labels == 'balanced':
+        return torch.arange(args.num_images) % num_classes
+    return torch.randint(num_classes, (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
+
+
+def prepare_out(args, root, npz, meta, rank):
+    """Let --out continue only samples of the same weights and flags: root/settings.json (the flags that change
+    images, hashes of the files read) must equal this run's, else refuse in one line, or with --overwrite delete
+    the other run's batches, images and .npz. Every rank checks; rank 0 writes."""
+    # not --num_images: seeds and labels follow the batch index (a shorter last batch is sampled again when the
+    # run grows); not --device, --compile or the number of processes
+    flags = ('ema', 'batch_size', 'labels', 'class_label', 'seed', 'temperature', 'top_k', 'cfg', 'num_steps',
+             'position_order', 'diffusion_steps')
+    files = dict(ckpt=args.ckpt, tokenizer_ckpt=args.tokenizer_ckpt or meta.get('ckpt'),
+                 prefix_image=args.prefix_image, keep_mask=args.keep_mask)
+    settings = {k: getattr(args, k) for k in flags} | {f'{k} sha256': p and file_hash(p) for k, p in files.items()}
+    record, old = os.path.join(root, 'settings.json'), None
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+    made = glob.glob(os.path.join(root, 'batch_*.npz')) + glob.glob(os.path.join(root, 'images', '[0-9]*.png'))
+    made += [f for f in (npz, os.path.splitext(npz)[0] + '.png') if os.path.isfile(f)]
+    if made and old != settings and not args.overwrite:
+        diff = 'no settings.json' if old is None else ', '.join(
+            f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+        raise SystemExit(f"error: --out {args.out} holds samples of other settings ({diff}); use another --out, or "
+                         f"add --overwrite to delete them and start afresh")
+    if rank == 0:
+        for f in made if old != settings else ():  # --overwrite
+            os.remove(f)
+        os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+        with open(record + '.tmp', 'w') as f:  # whole or not at all
+            json.dump(settings, f, indent=1)
+        os.replace(record + '.tmp', record)
 
 
 def sampling_flops(model, num_steps, diffusion_steps, cfg):
@@ -225,8 +331,9 @@ def main(args):
     amp = device_type == 'cuda' if args.amp is None else args.amp
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp)
     ckpt = load_checkpoint(args.ckpt, device)
-    model = Heptapod(**ckpt['config']).to(device).eval()
-    model.load_state_dict(ckpt['ema' if args.ema else 'model'])
+    check_args(args, ckpt)
+    what = 'ema' if args.ema else 'model'
+    model = load_weights(Heptapod(**ckpt['config']).to(device).eval(), ckpt[what], args.ckpt, what)
     if model.config['token_dim']:
         model.token_head.sample_diffusion = GaussianDiffusion(args.diffusion_steps).to(device)
     if args.compile:  # the per-step work: the head over the grid and the cached decoding step
@@ -263,24 +370,19 @@ def main(args):
               f"{flops / 1e9:.1f} GFLOP per image; MFU {'-' if peak is None else f'{100 * flops * ips / peak:.1f}%'}")
         return
 
-    # labels: balanced (num_images / classes of each, as MAR's 50 per class) or random; one seed for all ranks
-    if args.labels == 'balanced':
-        labels = torch.arange(args.num_images) % meta['num_classes']
-    else:
-        g = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(meta['num_classes'], (args.num_images,), generator=g)
-    if args.class_label is not None:
-        labels.fill_(args.class_label)
+    labels = class_labels(args, meta['num_classes'])
     root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
-    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    prepare_out(args, root, npz, meta, rank)
+    if ddp:
+        dist.barrier()  # rank 0 has emptied (--overwrite) and made the directory
     batches = range(math.ceil(args.num_images / args.batch_size))
     t0, done = time.time(), 0
     for k in batches[rank::world_size]:
         part = os.path.join(root, f'batch_{k:05d}.npz')
-        if os.path.exists(part):
-            continue  # finished by an earlier run
         y = labels[k * args.batch_size:(k + 1) * args.batch_size]
+        if os.path.exists(part) and np.array_equal(np.load(part)['labels'], y.numpy()):
+            continue  # finished by an earlier run of these settings (its last batch may have been shorter)
         images = sample_batch(k, y.to(device))
         for i, im in enumerate(images):
             Image.fromarray(im).save(os.path.join(root, 'images', f'{k * args.batch_size + i:06d}.png'))
@@ -307,12 +409,14 @@ def get_parser():
     parser.add_argument('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
     parser.add_argument('--num_images', type=int, default=100, help='the paper: 50000')
     parser.add_argument('--out', default='samples.npz', help='the .npz to write, or a directory for samples.npz')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='if --out holds samples of another checkpoint or flags, delete them and start afresh')
     parser.add_argument('--batch_size', type=int, default=100, help='images per batch and process')
     parser.add_argument('--labels', default='balanced', choices=['balanced', 'random'],
                         help='balanced: equally many of each class (MAR: 50 per class); random: uniform')
     parser.add_argument('--class_label', type=int, default=None, help='one class for all images')
     # sampling
-    parser.add_argument('--temperature', type=float, default=1.0)
+    parser.add_argument('--temperature', type=float, default=1.0, help='> 0; 1 samples the model distribution')
     parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
     parser.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale; 1 = off (the paper)')
     parser.add_argument('--num_steps', type=int, default=None, help='decoding steps (default: one per token)')

@@ -358,6 +358,58 @@ def test_sample_cli_writes_npz_in_the_adm_layout(tmp_path):
     assert (tmp_path / 'samples.png').is_file()
 
 
+def sample_cli(*argv):
+    sample.main(sample.get_parser().parse_args([str(a) for a in argv]))
+
+
+def test_an_out_of_another_checkpoint_or_other_flags_is_refused_unchanged_until_overwrite(tmp_path):
+    run_train(tmp_path / 'a', '--max_steps', '1')
+    run_train(tmp_path / 'b', '--max_steps', '1', '--seed', '1')  # another model
+    argv = ['--num_images', '4', '--batch_size', '2', '--num_steps', '16', '--out', tmp_path / 's.npz']
+    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv)
+    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt_0000001.pt', *argv)  # the same file under another name continues
+    before, first = snapshot(tmp_path), np.load(tmp_path / 's.npz')['arr_0']
+    for other in (['--ckpt', tmp_path / 'b' / 'ckpt.pt'], ['--temperature', 0.5], ['--num_steps', 8], ['--top_k', 5],
+                  ['--seed', 1], ['--no-ema'], ['--batch_size', 1], ['--labels', 'random'], ['--class_label', 3],
+                  ['--position_order', 'raster']):
+        with pytest.raises(SystemExit, match=r'^error: .*other settings .*--overwrite') as e:
+            sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv, *other)
+        assert '\n' not in str(e.value)
+    assert snapshot(tmp_path) == before  # nothing written, nothing deleted
+    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv, '--overwrite')
+    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv[:-1], tmp_path / 'fresh.npz')
+    overwritten, fresh = np.load(tmp_path / 's.npz')['arr_0'], np.load(tmp_path / 'fresh.npz')['arr_0']
+    assert np.array_equal(overwritten, fresh) and not np.array_equal(overwritten, first)
+
+
+@pytest.mark.parametrize('labels', ['balanced', 'random'])
+def test_more_images_into_the_same_out_continue_the_run_with_the_images_of_a_fresh_one(labels, tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', tmp_path / 'ckpt.pt', '--batch_size', 2, '--num_steps', 16, '--labels', labels]
+    sample_cli(*argv, '--num_images', 3, '--out', tmp_path / 's.npz')  # batch 1 holds one image
+    kept = (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns
+    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 's.npz')
+    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 'fresh.npz')
+    assert (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns == kept  # continued, not redone
+    grown, fresh = np.load(tmp_path / 's.npz'), np.load(tmp_path / 'fresh.npz')
+    assert len(grown['arr_0']) == 5 and np.array_equal(grown['arr_0'], fresh['arr_0'])
+    assert np.array_equal(grown['arr_1'], fresh['arr_1'])
+
+
+def test_load_weights_names_the_file_and_the_first_unfit_or_non_finite_entries():
+    good, key = tiny_model().state_dict(), 'transformer.cls_emb.weight'
+    for state, message in [({k: v for k, v in good.items() if k != key}, rf"1 missing \({key}\)"),
+                           (dict(good, extra=torch.zeros(1)), r"1 unexpected \(extra\)"),
+                           (dict(good, **{key: torch.zeros(3, 3)}),
+                            rf"1 wrongly shaped \({key}: \(3, 3\) in the file, \(11, 32\) in the model\)"),
+                           (dict(good, **{key: good[key] / 0}), rf"NaN or inf in 1 of their tensors \({key}\)")]:
+        with pytest.raises(SystemExit, match=rf"^error: x.pt: its 'ema' weights .*{message}") as e:
+            sample.load_weights(tiny_model(), state, 'x.pt', 'ema')
+        assert '\n' not in str(e.value)
+    model = sample.load_weights(tiny_model(), {k: v + 1 for k, v in good.items()}, 'x.pt', 'ema')
+    assert torch.equal(model.state_dict()[key], good[key] + 1)
+
+
 # -----------------------------------------------------------------------------
 # tokenizers and data
 
@@ -1730,6 +1782,73 @@ def labels_of_cats_only(ws):  # a cache in which every file of dogs was unreadab
     np.save(ws / 'cache' / 'labels_00000.npy', np.zeros(6, dtype=np.int64))
 
 
+def edit_checkpoint(ws, edit):
+    """ws/run/edited.pt: the trained checkpoint with edit() applied to its EMA weights."""
+    ckpt = torch.load(ws / 'run' / 'ckpt.pt', weights_only=True)
+    edit(ckpt['ema'])
+    torch.save(ckpt, ws / 'run' / 'edited.pt')
+
+
+def another_model(ws):
+    edit_checkpoint(ws, lambda sd: sd['transformer.cls_emb.weight'].add_(0.01))
+
+
+def a_missing_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd.pop('transformer.cls_emb.weight'))
+
+
+def an_extra_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd.update({'transformer.extra.weight': torch.zeros(2)}))
+
+
+def a_wrongly_shaped_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd.update({'transformer.cls_emb.weight': torch.zeros(3, 3)}))
+
+
+def a_nan_weight(ws):
+    edit_checkpoint(ws, lambda sd: sd['transformer.pos_emb.weight'].view(-1)[5:7].fill_(float('nan')))
+
+
+def random_bytes_checkpoint(ws):
+    (ws / 'run' / 'edited.pt').write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def samples_without_settings(ws):  # as an older sample.py left them
+    (ws / 'samples' / 'settings.json').unlink()
+
+
+def continuous_checkpoint(ws):
+    run_train(ws / 'continuous', '--max_steps', '1', '--tokenizer', 'pixel_patch')
+
+
+def prefix_files(ws, keep_columns=8):
+    """ws/image.png, a shapes image, and ws/mask.png, white (keep) on its first keep_columns of 16 columns."""
+    Image.fromarray(tokenizers.make_shapes(1, seed=5)[0][0].numpy()).save(ws / 'image.png')
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :keep_columns] = 255
+    Image.fromarray(mask).save(ws / 'mask.png')
+
+
+def a_white_keep_mask(ws):
+    prefix_files(ws, keep_columns=16)
+
+
+def an_unreadable_prefix_image(ws):
+    prefix_files(ws)
+    (ws / 'image.png').write_bytes(b'not a png')
+
+
+def a_truncated_keep_mask(ws):
+    prefix_files(ws)
+    (ws / 'mask.png').write_bytes((ws / 'mask.png').read_bytes()[:40])
+
+
+SAMPLES = '--ckpt {ws}/run/ckpt.pt --num_images 2 --batch_size 2 --out {ws}/samples'  # how samples/ was made
+NEW = '--ckpt {ws}/run/ckpt.pt --out {ws}/new'
+EDITED = '--ckpt {ws}/run/edited.pt --out {ws}/new'
+PREFIX = NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/mask.png'
+
+
 # (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
@@ -1776,6 +1895,38 @@ BAD_INPUTS = [
     ('train', '--data {ws}/cache --out_dir {ws}/new', meta_with_a_class_added, 'no image of class zebras'),
     ('train', '--data {ws}/cache --out_dir {ws}/new', labels_of_cats_only, 'no image of class dogs'),
     ('train', '--data {ws}/images --out_dir {ws}/new', None, 'images_cache` and train with --data'),
+    # sample.py into an --out of other settings: refused, samples/ untouched
+    ('sample', SAMPLES + ' --temperature 0.5', None, 'temperature 1.0 -> 0.5'),
+    ('sample', SAMPLES + ' --batch_size 1', None, 'batch_size 2 -> 1'),
+    ('sample', SAMPLES.replace('ckpt.pt', 'edited.pt'), another_model, 'ckpt sha256'),
+    ('sample', SAMPLES, samples_without_settings, 'no settings.json'),
+    # sample.py flags
+    ('sample', NEW + ' --cfg 1.5', None, '--class_dropout'),
+    ('sample', NEW + ' --diffusion_steps 0', None, '--diffusion_steps 0'),
+    ('sample', NEW + ' --diffusion_steps -5', None, '--diffusion_steps -5'),
+    ('sample', NEW + ' --temperature 0', None, '--temperature 0'),
+    ('sample', NEW + ' --temperature -1', None, '--temperature -1'),
+    ('sample', NEW + ' --class_label 10', None, '[0, 9]'),
+    ('sample', NEW + ' --class_label -1', None, '--class_label -1'),
+    ('sample', NEW + ' --top_k 513', None, '[1, 512]'),
+    ('sample', NEW + ' --top_k 0', None, '--top_k 0'),
+    ('sample', '--ckpt {ws}/continuous/ckpt.pt --out {ws}/new --top_k 5', continuous_checkpoint, 'continuous'),
+    ('sample', NEW + ' --num_images 0', None, '--num_images 0'),
+    ('sample', NEW + ' --batch_size 0', None, '--batch_size 0'),
+    ('sample', NEW + ' --batch_size -2', None, '--batch_size -2'),
+    ('sample', NEW + ' --num_steps 0', None, '--num_steps 0'),
+    ('sample', NEW + ' --num_steps 257', None, '[1, 256]'),
+    ('sample', PREFIX, a_white_keep_mask, 'white everywhere'),
+    ('sample', PREFIX + ' --num_steps 200', prefix_files, 'the 128 positions'),
+    ('sample', PREFIX, an_unreadable_prefix_image, 'image.png'),
+    ('sample', PREFIX, a_truncated_keep_mask, 'mask.png'),
+    ('sample', NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/none.png', prefix_files, 'none.png'),
+    # sample.py checkpoints
+    ('sample', EDITED, a_missing_weight, '1 missing (transformer.cls_emb.weight)'),
+    ('sample', EDITED, an_extra_weight, '1 unexpected (transformer.extra.weight)'),
+    ('sample', EDITED, a_wrongly_shaped_weight, 'transformer.cls_emb.weight: (3, 3) in the file, (11, 64) in the'),
+    ('sample', EDITED, a_nan_weight, 'NaN or inf in 1 of their tensors (transformer.pos_'),
+    ('sample', EDITED, random_bytes_checkpoint, 'edited.pt: not a readable PyTorch checkpoint'),
 ]
 
 
