@@ -57,15 +57,35 @@ def step_schedule(n, num_steps):
     return sizes
 
 
+def sampling_errors(config, order, num_steps=None, position_order=None, keep=None):
+    """What a model (its config, trained in `order`) cannot do of these sampling settings, one message each:
+    sample.py checks them before it writes anything, generate() before it starts."""
+    N, head = config['grid_size'] ** 2, config['head']
+    training_order = 'raster' if order in ('raster', 'rar') else 'random'
+    position_order = position_order or training_order
+    left = N - (0 if keep is None else int(keep[0].sum()))  # the positions to generate
+    errors = []
+    if head != 'global' and (num_steps or left) < left:
+        errors.append(f"the {'1D' if head == 'linear' else 'local-head'} model predicts one next position per "
+                      f"step: use --num_steps {left} (the default)")
+    if position_order == 'confidence' and (head != 'global' or config['token_dim']):
+        errors.append("--position_order confidence needs the global head and discrete tokens")
+    if head == 'linear' and position_order != training_order:
+        errors.append(f"a 1D model samples in its training order ({order}): drop --position_order {position_order}")
+    if keep is not None and keep.sum(1).ne(N - left).any():
+        errors.append("every image must keep the same number of tokens")
+    raster = torch.arange(N, device=None if keep is None else keep.device) < N - left  # (N,) a raster prefix
+    if position_order == 'raster' and keep is not None and not torch.equal(keep, raster.expand_as(keep)):
+        errors.append("sampling in raster order can only continue a raster prefix: --keep_mask must keep the "
+                      "first rows (and columns) of the grid")
+    return errors
+
+
 def start_orders(B, N, position_order, keep, generator):
     """(B, N) the positions in generation order: the kept positions first (in random order), then the others
     in the chosen order (random: uniformly random, the paper; raster; confidence: filled in as generated)."""
     if position_order == 'raster':
-        orders = make_orders(B, N, 'raster', generator)
-        if keep is not None and not torch.equal(keep, (orders < keep.sum(1, keepdim=True)).expand_as(keep)):
-            raise SystemExit("error: sampling in raster order can only continue a raster prefix: --keep_mask must "
-                             "keep the first rows (and columns) of the grid")
-        return orders
+        return make_orders(B, N, 'raster', generator)  # a kept prefix is the first rows (sampling_errors)
     orders = make_orders(B, N, 'random', generator)
     if keep is not None:  # kept positions first, each group in the random order drawn above
         orders = orders.gather(1, (~keep).gather(1, orders).long().argsort(dim=1, stable=True))
@@ -75,10 +95,10 @@ def start_orders(B, N, position_order, keep, generator):
 @torch.no_grad()
 def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
              position_order=None, prefix=None, use_cache=True):
-    """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order
-    (1D models must sample in it; a 2D model predicts every position, so it may sample in any); position_order None
-    follows it, random being the paper's, and 'confidence' fills the most likely positions first. num_steps < N places several tokens per step
-    (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1 guides with a
+    """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order (1D models
+    must sample in it; a 2D model predicts every position, so it may sample in any); position_order None follows
+    it, random being the paper's, and 'confidence' fills the most likely positions first. num_steps < N places
+    several tokens per step (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1 guides with a
     'no class' copy (off by default): logit mixing for discrete tokens, the noise prediction with MAR's linear
     schedule for continuous ones. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and
     returned unchanged (zero-shot inpainting / outpainting). use_cache=False recomputes the causal
@@ -86,20 +106,13 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
     B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']
     dev = labels.device
     one_d = model.config['head'] == 'linear'  # the 1D baselines predict the single next token (Table 1)
-    whole_grid = model.config['head'] == 'global'  # the local head predicts only the next position's chunk
     keep = None if prefix is None else prefix[1].to(dev)
+    errors = sampling_errors(model.config, order, num_steps, position_order, keep)
+    if errors:
+        raise ValueError('; '.join(errors))
     K = 0 if keep is None else int(keep.sum(1)[0])
     sizes = step_schedule(N - K, num_steps or N - K)
-    training_order = 'raster' if order in ('raster', 'rar') else 'random'
-    position_order = position_order or training_order
-    if not whole_grid and max(sizes) > 1:
-        raise SystemExit("error: the 1D and local-head models predict one next position: use --num_steps N")
-    if position_order == 'confidence' and (not whole_grid or D):
-        raise SystemExit("error: --position_order confidence needs the global head and discrete tokens")
-    if one_d and position_order != training_order:
-        raise SystemExit(f"error: a 1D model samples in its training order ({order})")
-    if keep is not None and keep.sum(1).ne(K).any():
-        raise SystemExit("error: every image must keep the same number of tokens")
+    position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
     orders = start_orders(B, N, position_order, keep, generator)
     if cfg != 1.0:  # the unconditional copies read the same positions and receive the same tokens
         labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
@@ -343,6 +356,9 @@ def main(args):
     tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device)
     prefix = load_prefix(args, meta, tokenizer, model.grid_size, device) if args.prefix_image or args.keep_mask \
         else None
+    errors = sampling_errors(model.config, order, args.num_steps, args.position_order, prefix and prefix[1])
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
     N = model.grid_size ** 2
 
     def sample_batch(k, labels):  # batch k, with its own seed: the same images on any number of GPUs

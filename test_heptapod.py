@@ -1357,7 +1357,7 @@ def test_raster_models_only_continue_a_raster_prefix():
     assert torch.equal(out[top_rows], given[top_rows])  # outpainting downwards from the top rows
     scattered = torch.zeros(1, N, dtype=torch.bool)
     scattered[0, [5, 30]] = True
-    with pytest.raises(SystemExit, match='can only continue a raster prefix'):
+    with pytest.raises(ValueError, match='can only continue a raster prefix'):
         generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, scattered))
 
 
@@ -1920,6 +1920,7 @@ BAD_INPUTS = [
     ('sample', PREFIX + ' --num_steps 200', prefix_files, 'the 128 positions'),
     ('sample', PREFIX, an_unreadable_prefix_image, 'image.png'),
     ('sample', PREFIX, a_truncated_keep_mask, 'mask.png'),
+    ('sample', PREFIX + ' --position_order raster', prefix_files, 'can only continue a raster prefix'),
     ('sample', NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/none.png', prefix_files, 'none.png'),
     # sample.py checkpoints
     ('sample', EDITED, a_missing_weight, '1 missing (transformer.cls_emb.weight)'),
