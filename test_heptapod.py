@@ -27,7 +27,7 @@ import sample
 import tokenizers
 import train
 from heads import Heptapod, sample_prefix_lens, take
-from model import Transformer, make_orders
+from model import SIZES, Transformer, make_orders
 from sample import generate
 
 G = 8  # model-level tests use an 8x8 grid: every property holds, at a quarter of the steps
@@ -1405,6 +1405,176 @@ def test_sampling_bench_reports_speed_flops_and_mfu(tmp_path, capsys):
                                                 '--num_steps', '16']))
     assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps; [\d.]+ GFLOP per image; MFU -',
                      capsys.readouterr().out)
+
+
+# -----------------------------------------------------------------------------
+# the GPU's code paths on the CPU: bf16 autocast (--amp) and torch.compile (inductor), as CUDA runs them
+
+def test_the_kv_cache_stores_keys_in_the_dtype_they_come_in():
+    # a CUDA run samples the final grid outside autocast (fp32 keys) and evaluates inside it (bf16 keys)
+    model = tiny_model()
+    t = model.transformer
+    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        t.setup_cache(2, N)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            t.prefill(torch.tensor([0, 1]))
+            t.decode(torch.tensor([[3], [4]]), torch.tensor([[5], [6]]), torch.tensor([1]))
+        assert t.blocks[0].attn.cache.k.dtype == dtype
+        t.clear_cache()
+
+
+@pytest.mark.parametrize('mode', ['sequential', 'parallel', 'confidence', 'inpainting'])
+def test_bf16_sampling_with_the_kv_cache_fills_the_grid_in_every_mode(mode):
+    model = tiny_model()
+    given = torch.randint(512, (2, N))
+    keep = (torch.arange(N) % G < 3).expand(2, N)  # the first 3 columns
+    kw = dict(sequential={}, parallel=dict(num_steps=16), confidence=dict(num_steps=16, position_order='confidence'),
+              inpainting=dict(prefix=(given, keep)))[mode]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = generate(model, torch.tensor([0, 7]), 'random', torch.Generator().manual_seed(0), **kw)
+    assert out.shape == (2, N) and 0 <= out.min() and out.max() < 512
+    if mode == 'inpainting':
+        assert torch.equal(out[keep], given[keep])
+
+
+def test_bf16_training_end_of_run_grid_and_evaluation_run_on_the_cpu(tmp_path):
+    # --amp on a CPU: the training step, the samples.png grid and --eval_every in bf16, as on a GPU
+    run_train(tmp_path, '--amp', '--max_steps', '2', '--num_samples', '2', '--eval_every', '2', '--eval_images', '4')
+    log = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert all(math.isfinite(r['loss']) for r in log if 'loss' in r) and 'fd' in log[-1]
+    assert (tmp_path / 'samples.png').is_file()
+
+
+def test_a_raster_trained_2d_model_samples_in_the_order_asked_for():
+    model = tiny_model()
+    raster = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0))
+    randomly = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), position_order='random')
+    assert not torch.equal(raster, randomly)  # another order conditions each token on other tokens
+
+
+def test_compiled_training_takes_the_steps_of_eager_training(tmp_path):
+    # fusion reorders fp32 sums (~1e-7 relative per op), so three steps of a tiny model agree to ~1e-6; a wrong
+    # compiled graph (a lost mask, a stale cache) moves the loss by far more than the 1e-4 allowed here
+    eager = run_train(tmp_path / 'eager', '--max_steps', '3')
+    compiled = run_train(tmp_path / 'compiled', '--max_steps', '3', '--compile')
+    losses = [[json.loads(line)['loss'] for line in open(tmp_path / run / 'log.jsonl')] for run in ('eager', 'compiled')]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    for name, p in eager['model'].items():  # the checkpoint holds the uncompiled module's names
+        torch.testing.assert_close(compiled['model'][name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_sampling_decodes_in_parallel_by_confidence_and_benches(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--compile', '--bench',
+                                                '--batch_size', '2', '--num_steps', '16',
+                                                '--position_order', 'confidence']))
+    assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps', capsys.readouterr().out)
+
+
+# -----------------------------------------------------------------------------
+# GPU acceptance: python -m pytest -q -m gpu (skipped without CUDA). Each test prints what it measured on a line
+# that starts with 'GPU |'; the README's GPU table is filled from those lines.
+
+def gpu(test):
+    """Selected by -m gpu (pytest.ini leaves them out of the default run), skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')(test))
+
+
+def report(capsys, line):
+    with capsys.disabled():
+        print(f"\nGPU | {line}", flush=True)
+
+
+def gpu_train(capsys, tmp_path, flags, steps=10):
+    """train.py --bench on random tokens of the paper's shapes (--data random): bf16, fused AdamW; its bench line."""
+    capsys.readouterr()
+    train.main(train.get_parser().parse_args(['--data', 'random', '--out_dir', str(tmp_path), '--bench',
+                                              '--bench_warmup', '3', '--bench_steps', str(steps), *flags]))
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith('bench:'))
+
+
+@gpu
+@pytest.mark.parametrize('flags', ['--size B --tokenizer vae', '--size L --tokenizer vae',
+                                   '--size L --tokenizer vae --head local --window 16 --density 16',
+                                   '--size B --tokenizer vq', '--size B --tokenizer vae --compile',
+                                   '--size L --tokenizer vae --compile'])
+def test_gpu_bf16_training_step_throughput_and_mfu(flags, tmp_path, capsys):
+    line = gpu_train(capsys, tmp_path, shlex.split(flags) + ['--batch_size', '64'])
+    report(capsys, f"train {flags} --batch_size 64 | {line}")
+
+
+@gpu
+@pytest.mark.parametrize('size', ['B', 'L', 'H'])
+@pytest.mark.parametrize('checkpointing', ['--no-grad_checkpointing', '--grad_checkpointing'])
+def test_gpu_peak_memory_at_64_images_per_gpu(size, checkpointing, tmp_path, capsys):
+    try:
+        line = gpu_train(capsys, tmp_path, ['--size', size, '--tokenizer', 'vae', '--batch_size', '64', checkpointing],
+                         steps=2)
+    except torch.cuda.OutOfMemoryError:
+        line = f"out of memory ({torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.0f} GiB)"
+    torch.cuda.empty_cache()
+    report(capsys, f"memory --size {size} {checkpointing} --batch_size 64 | {line}")
+
+
+@gpu
+@pytest.mark.parametrize('head', ['global', 'local'])
+def test_gpu_attention_takes_a_fused_kernel_in_the_backbone_the_head_and_the_cached_decode_step(head):
+    # inside sdpa_kernel(flash, memory-efficient) PyTorch raises 'No available kernel' rather than fall back to
+    # the math kernel, so each call below ran fused
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = Heptapod(16384, 1000, 16, **{k: SIZES['B'][k] for k in ('n_layer', 'n_embd', 'n_head')}, head=head,
+                     window=16 if head == 'local' else None).cuda().eval()
+    g = torch.Generator('cuda').manual_seed(0)
+    idx, labels = torch.randint(16384, (4, 256), device='cuda'), torch.arange(4, device='cuda')
+    orders, prefix_lens = make_orders(4, 256, 'random', g), sample_prefix_lens(4, 2, 256, g)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16), \
+            sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        h = model.transformer(take(idx, orders)[:, :-1], labels, orders[:, :-1])  # causal
+        model.head(h, orders, prefix_lens)  # bidirectional (global) or cross-attention with a mask (local)
+        t = model.transformer
+        t.setup_cache(4, 256)
+        t.prefill(labels)
+        t.decode(idx[:, :1], orders[:, :1], torch.tensor([1], device='cuda'))  # attends through a cache mask
+        t.clear_cache()
+
+
+@gpu
+def test_gpu_torchrun_with_nccl_trains_and_checkpoints(tmp_path, capsys):
+    run = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=1', 'train.py', '--data', 'random',
+                          '--tokenizer', 'vq', '--size', 'small', '--batch_size', '8', '--max_steps', '3',
+                          '--log_interval', '1', '--num_samples', '0', '--out_dir', str(tmp_path)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 3
+    report(capsys, f"torchrun --nproc_per_node=1 (NCCL) | {run.stdout.strip().splitlines()[-1]}")
+
+
+@gpu
+def test_gpu_compiled_training_and_sampling(tmp_path, capsys):
+    flags = ['--size', 'small', '--batch_size', '16', '--max_steps', '5', '--log_interval', '1', '--num_samples', '0']
+    for compiled in ('--no-compile', '--compile'):
+        train.main(train.get_parser().parse_args(flags + [compiled, '--out_dir', str(tmp_path / compiled)]))
+    losses = [[json.loads(line)['loss'] for line in open(tmp_path / c / 'log.jsonl')] for c in ('--no-compile', '--compile')]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)  # bf16: ~3 significant digits
+    capsys.readouterr()
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / '--compile' / 'ckpt.pt'), '--compile',
+                                                '--bench', '--batch_size', '64', '--num_steps', '16',
+                                                '--position_order', 'confidence']))
+    report(capsys, f"compiled sampling, small, 16 steps by confidence | {capsys.readouterr().out.strip()}")
+
+
+@gpu
+@pytest.mark.parametrize('steps', [256, 64])
+def test_gpu_sampling_throughput_of_B_at_batch_256(steps, tmp_path, capsys, vae_file):
+    run = tmp_path / 'run'
+    train.main(train.get_parser().parse_args(['--data', 'random', '--tokenizer', 'vae', '--size', 'B', '--batch_size',
+                                              '8', '--max_steps', '1', '--num_samples', '0', '--out_dir', str(run)]))
+    capsys.readouterr()
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(run / 'ckpt.pt'), '--tokenizer_ckpt', str(vae_file[0]),
+                                                '--bench', '--batch_size', '256', '--num_steps', str(steps)]))
+    report(capsys, f"sample --size B --tokenizer vae --batch_size 256 --num_steps {steps} | "
+                   f"{capsys.readouterr().out.strip()}")
 
 
 # -----------------------------------------------------------------------------
