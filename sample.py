@@ -10,6 +10,7 @@ causal Transformer through its KV cache, until the grid is full. No classifier-f
     python sample.py --ckpt out/ckpt.pt --num_steps 64          # parallel decoding: 64 steps, not 256
     python sample.py --ckpt out/ckpt.pt --prefix_image IMG --keep_mask MASK   # zero-shot in/outpainting
     python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs per image, MFU
+    python sample.py --ckpt out/ckpt.pt --figures IMG --out figs  # Fig. 3: token similarity, last-layer attention
 
 writes the .npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout), a .png
 grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again with
@@ -28,9 +29,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import torch.nn.functional as F
 from heads import GaussianDiffusion, Heptapod, linear_flops, take
 from model import make_orders
-from tokenizers import center_crop_arr, make_tokenizer
+from tokenizers import VQTokenizer, center_crop_arr, make_tokenizer, to_rgb
 
 # dense bf16 peak of one GPU in TFLOP/s, from the vendors' data sheets; the first name found in the device's wins
 PEAK_TFLOPS = {'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312}
@@ -246,25 +248,97 @@ def check_args(args, ckpt):
 
 def load_prefix(args, meta, tokenizer, grid_size, device):
     """(tokens (1, N[, D]), keep (1, N) bool) from --prefix_image and --keep_mask (white: keep)."""
-    images = {}
-    for flag, path, mode in (('--prefix_image', args.prefix_image, 'RGB'), ('--keep_mask', args.keep_mask, 'L')):
-        if path is None:
-            raise SystemExit("error: --prefix_image and --keep_mask go together: give both image files")
-        try:  # convert() reads the whole file, so a truncated one fails here too
-            with Image.open(path) as im:
-                images[flag] = im.convert(mode)
-        except Exception as e:  # missing, not an image, truncated, over PIL's size limit
-            raise SystemExit(f"error: {flag} {path}: not a readable image ({type(e).__name__})")
-    mask = np.array(images['--keep_mask'].resize((grid_size, grid_size), Image.NEAREST)) > 127  # (h, w)
+    if args.prefix_image is None or args.keep_mask is None:
+        raise SystemExit("error: --prefix_image and --keep_mask go together: give both image files")
+    mask = read_image('--keep_mask', args.keep_mask).convert('L').resize((grid_size, grid_size), Image.NEAREST)
+    mask = np.array(mask) > 127  # (h, w)
     left = grid_size ** 2 - int(mask.sum())  # the positions to generate
     if left == 0:
         raise SystemExit(f"error: --keep_mask {args.keep_mask} is white everywhere, so it keeps every token and "
                          f"leaves none to generate (black marks the positions to generate)")
     if (args.num_steps or 1) > left:
         raise SystemExit(f"error: --num_steps {args.num_steps} is more than the {left} positions --keep_mask leaves")
-    image = torch.from_numpy(center_crop_arr(images['--prefix_image'], meta['image_size']))[None]  # (1, H, W, 3)
-    tokens = tokenizer.from_cache(tokenizer.encode(image), torch.Generator(device).manual_seed(args.seed))
-    return tokens.flatten(1, 2).to(device), torch.from_numpy(mask).flatten()[None].to(device)
+    tokens = image_tokens(args.prefix_image, '--prefix_image', meta, tokenizer, args.seed, device)
+    return tokens, torch.from_numpy(mask).flatten()[None].to(device)
+
+
+def read_image(flag, path):
+    """The Pillow image at path, read whole (a truncated file fails here, not later), or one error line."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except Exception as e:  # missing, not an image, truncated, over PIL's size limit
+        raise SystemExit(f"error: {flag} {path}: not a readable image ({type(e).__name__})")
+
+
+def image_tokens(path, flag, meta, tokenizer, seed, device):
+    """The model's tokens (1, N[, D]) of the image at path, centre-cropped to the training size as the cache was."""
+    image = torch.from_numpy(center_crop_arr(to_rgb(read_image(flag, path)), meta['image_size']))[None]  # (1, H, W, 3)
+    tokens = tokenizer.from_cache(tokenizer.encode(image), torch.Generator(device).manual_seed(seed))
+    return tokens.flatten(1, 2).to(device)  # (1, h, w[, D]) -> (1, N[, D])
+
+
+# -----------------------------------------------------------------------------
+# Fig. 3 and Appendix B: how an image's tokens correlate, and where the causal Transformer looks
+
+def token_vectors(tokenizer, tokens, grid_size):
+    """(N, D) vectors of an image's tokens (1, N[, D]): continuous tokens as they are (VAE latents, pixel patches),
+    the code vector of each VQ index (normalised, as the decoder reads it), a pixel token's colour in [-1, 1]."""
+    if tokens.dim() == 3:
+        return tokens[0].float()
+    if isinstance(tokenizer, VQTokenizer):
+        return F.normalize(tokenizer.model.quantize.embedding.weight, dim=-1)[tokens[0]]
+    return tokenizer.decode(tokens.view(1, grid_size, grid_size)).float().view(-1, 3) / 127.5 - 1  # (N, 3)
+
+
+@torch.no_grad()
+def last_layer_attention(model, tokens, label):
+    """(N, N) attention weights of the causal Transformer's last layer, averaged over heads, with the tokens read
+    in raster order: row p is what the state after reading grid position p attends to, at the keys' grid positions
+    (the class token's share is 1 minus the row's sum)."""
+    t, N = model.transformer, model.grid_size ** 2
+    orders = torch.arange(N, device=tokens.device)[None]  # (1, N)
+    inputs = []
+    hook = t.blocks[-1].attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    t(take(tokens, orders)[:, :-1], label, orders[:, :-1], orders if model.config['head'] == 'linear' else None)
+    hook.remove()
+    attn, x = t.blocks[-1].attn, inputs[0]  # (1, N, C): the class and N - 1 tokens, layer-normed
+    q, k, _ = attn.qkv(x).view(1, N, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)  # 3 x (1, nh, N, hd)
+    w = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).float()  # (1, nh, N, N)
+    w = w.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), -math.inf).softmax(-1)
+    w = w.mean(1)[0]  # (N, N): query step s has read s tokens; key step s' >= 1 is grid position s' - 1
+    return F.pad(w[1:, 1:], (0, 1))  # (N - 1, N) -> row p: after reading position p; the last position is never read
+
+
+def heatmap(values, grid_size, marked, cell=12):
+    """An RGB image (g*cell, g*cell, 3) of values (N,) in [0, 1], dark blue to yellow, the cell `marked` framed red."""
+    v = values.clamp(0, 1).view(grid_size, grid_size, 1).cpu().numpy()
+    rgb = ((1 - v) * np.array([20, 20, 80]) + v * np.array([255, 230, 40])).astype(np.uint8)  # (g, g, 3)
+    rgb = rgb.repeat(cell, 0).repeat(cell, 1)
+    r, c = divmod(marked, grid_size)
+    frame = rgb[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]  # a view: its border is drawn into rgb
+    frame[[0, -1]] = frame[:, [0, -1]] = (255, 0, 0)
+    return rgb
+
+
+def write_figures(args, out, model, meta, tokenizer, device):
+    """Fig. 3 for --figures IMAGE: OUT/similarity.png, the cosine similarity of three reference tokens (the paper's
+    87th, 138th and 203rd of 16x16, at the same places on other grids) to every token of the image, and
+    OUT/attention.png, the last-layer attention from each reference token to the tokens read before it."""
+    g, N = model.grid_size, model.grid_size ** 2
+    refs = [(p // 16 * g // 16) * g + p % 16 * g // 16 for p in (87, 138, 203)]  # (row, column) scaled to the grid
+    tokens = image_tokens(args.figures, '--figures', meta, tokenizer, args.seed, device)
+    vectors = F.normalize(token_vectors(tokenizer, tokens, g), dim=-1)  # (N, D)
+    similarity = [(vectors @ vectors[p] + 1) / 2 for p in refs]  # cosine in [-1, 1] -> [0, 1]
+    attention = last_layer_attention(model, tokens, torch.tensor([args.class_label or 0], device=device))
+    image = decode(tokenizer, tokens, g)[0].cpu().numpy()  # (H, W, 3) what the model reads
+    image = np.asarray(Image.fromarray(image).resize((12 * g, 12 * g), Image.NEAREST))
+    os.makedirs(out, exist_ok=True)
+    for name, maps in (('similarity', similarity), ('attention', [attention[p] / attention[p].max() for p in refs])):
+        row = np.concatenate([image] + [heatmap(m, g, p) for m, p in zip(maps, refs)], axis=1)  # image, then 3 maps
+        Image.fromarray(row).save(os.path.join(out, f'{name}.png'))
+    print(f"wrote {out}/similarity.png and {out}/attention.png (reference tokens {refs})")
 
 
 def file_hash(path):
@@ -354,6 +428,9 @@ def main(args):
         model.transformer.decode = torch.compile(model.transformer.decode)
     meta, order = ckpt['data_meta'], ckpt['args']['order']
     tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device)
+    root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
+    if args.figures:
+        return write_figures(args, root, model, meta, tokenizer, device)
     prefix = load_prefix(args, meta, tokenizer, model.grid_size, device) if args.prefix_image or args.keep_mask \
         else None
     errors = sampling_errors(model.config, order, args.num_steps, args.position_order, prefix and prefix[1])
@@ -387,7 +464,6 @@ def main(args):
         return
 
     labels = class_labels(args, meta['num_classes'])
-    root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
     prepare_out(args, root, npz, meta, rank)
     if ddp:
@@ -441,6 +517,9 @@ def get_parser():
     parser.add_argument('--diffusion_steps', type=int, default=100, help='respaced diffusion steps (MAR: 100)')
     parser.add_argument('--prefix_image', default=None, help='an image whose kept tokens are the prefix')
     parser.add_argument('--keep_mask', default=None, help='an image, white where --prefix_image is kept')
+    parser.add_argument('--figures', default=None, metavar='IMAGE',
+                        help="Fig. 3: write the tokens' cosine similarity and the last-layer attention of IMAGE to "
+                             "OUT/similarity.png and OUT/attention.png, then exit")
     parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
     parser.add_argument('--tokenizer_ckpt', default=None,
                         help='vq/vae weights to decode with (default: the file the cache was made with)')

@@ -1399,6 +1399,22 @@ def test_two_process_sampling_writes_the_images_of_one_process(tmp_path):
     assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
 
 
+def test_figures_command_writes_the_similarity_and_attention_pngs(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    Image.fromarray(tokenizers.make_shapes(1, seed=3)[0][0].numpy()).save(tmp_path / 'image.png')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--figures',
+                                                str(tmp_path / 'image.png'), '--out', str(tmp_path / 'figs')]))
+    for name in ('similarity', 'attention'):  # the image, then one map per reference token, 12 px per token
+        assert Image.open(tmp_path / 'figs' / f'{name}.png').size == (4 * 16 * 12, 16 * 12)
+
+
+def test_last_layer_attention_covers_exactly_the_tokens_read_before():
+    model = tiny_model()
+    w = sample.last_layer_attention(model, torch.randint(512, (1, N)), torch.tensor([3]))  # (N - 1, N)
+    assert torch.equal(w.triu(1), torch.zeros_like(w))  # after reading position p: positions 0..p only
+    assert (w.sum(1) < 1).all() and (w.sum(1) > 0).all()  # the rest goes to the class token
+
+
 def test_sampling_bench_reports_speed_flops_and_mfu(tmp_path, capsys):
     run_train(tmp_path, '--max_steps', '1')
     sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--bench', '--batch_size', '2',
