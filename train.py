@@ -191,7 +191,7 @@ def evaluate(ema, args, meta, tokenizer, inception, ref, device, rank, world_siz
         parts = [None] * world_size
         dist.all_gather_object(parts, feats)
         feats = {k: np.concatenate([p[k] for p in parts]) for k in feats}
-    return fid.metrics(feats, *ref, device=device) if rank == 0 else None
+    return fid.metrics(feats, *ref, device=device, is_splits='torch_fidelity') if rank == 0 else None
 
 
 def peak_memory(device):
