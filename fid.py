@@ -401,7 +401,7 @@ def metrics(feats, ref, ref_pool=None, device='cpu', is_splits='adm'):
     return out
 
 # -----------------------------------------------------------------------------
-# Image sets, read batch by batch, and reference batches
+# Image sets and reference batches
 
 
 def one_line(e):

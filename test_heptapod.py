@@ -1616,6 +1616,16 @@ def write(name, images=None):
     return setup
 
 
+def damage(name, flip=None, cut=None):
+    """A setup of BAD_INPUTS: ws/name with the byte at `flip` inverted, or cut to its first `cut` bytes."""
+    def setup(ws):
+        data = bytearray((ws / name).read_bytes())
+        if flip is not None:
+            data[flip] ^= 0xFF
+        (ws / name).write_bytes(data[:cut])
+    return setup
+
+
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
     # fid.py: files that are not what they claim, too few images, a bad output path
@@ -1629,6 +1639,10 @@ BAD_INPUTS = [
      'one.npz: 1 image;'),
     ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}', write('images/broken.png'),
      'broken.png: not a readable image'),
+    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}', damage('images/dogs/2.png', cut=100),
+     '2.png: not a readable image'),  # the header reads, the pixels do not: found while scoring
+    ('fid', '{ws}/four.npz --save_stats {ws}/ref.npz --inception {inception}',
+     lambda ws: (write('four.npz', random_images(4, 32))(ws), damage('four.npz', flip=1000)(ws)), 'four.npz: arr_0 unreadable'),
     ('fid', '{ws}/images --save_stats {ws}/run --inception {inception}', None, '--save_stats'),
     ('fid', '{ws}/images --save_stats {ws}/ref.npz --batch_size 0', None, '--batch_size 0'),
 ]
