@@ -372,7 +372,7 @@ def precision_recall(real, fake, k=3, max_block=2 ** 25, device='cpu'):
         return [(i, min(i + rows, len(x))) for i in range(0, len(x), rows)]
 
     def radii(x):  # (k+1)-th smallest distance, the point itself being the first (ADM and torch-fidelity)
-        out = torch.empty(len(x), device=device)  # filled in place: no list of small tensors between the blocks
+        out = torch.empty(len(x), device=device)  # in place: small tensors kept between blocks fragment the heap
         for i, j in blocks(x, x):
             out[i:j] = sq_dists(x[i:j], x).kthvalue(k + 1, dim=1).values
         return out

@@ -1376,7 +1376,7 @@ def test_precision_recall_match_a_brute_force_count():
     precision = (d(fake, real) <= radius(real)[None]).any(1).mean()
     recall = (d(real, fake) <= radius(fake)[None]).any(1).mean()
     assert 0 < precision < 1 and 0 < recall < 1
-    assert fid.precision_recall(real, fake, k=3, max_block=100)  # 2 or 3 rows a block == pytest.approx((precision, recall))
+    assert fid.precision_recall(real, fake, k=3, max_block=100) == pytest.approx((precision, recall))  # 2-3 rows
 
 
 # -----------------------------------------------------------------------------
@@ -1604,9 +1604,7 @@ def snapshot(root):
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
 
 
-# (command, its arguments with {ws} for a fresh copy of the workspace and {inception} for random FID Inception
-# weights, what to break there first, what the error names)
-def write(name, images=None):
+def write_file(name, images=None):
     """A setup of BAD_INPUTS: ws/name holding images as arr_0, or random bytes when images is None."""
     def setup(ws):
         if images is None:
@@ -1616,7 +1614,7 @@ def write(name, images=None):
     return setup
 
 
-def damage(name, flip=None, cut=None):
+def damage_file(name, flip=None, cut=None):
     """A setup of BAD_INPUTS: ws/name with the byte at `flip` inverted, or cut to its first `cut` bytes."""
     def setup(ws):
         data = bytearray((ws / name).read_bytes())
@@ -1626,23 +1624,27 @@ def damage(name, flip=None, cut=None):
     return setup
 
 
+# (command, its arguments with {ws} for a fresh copy of the workspace and {inception} for random FID Inception
+# weights, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
     # fid.py: files that are not what they claim, too few images, a bad output path
-    ('fid', '{ws}/junk.npz {ws}/samples/samples.npz --inception {inception}', write('junk.npz'),
+    ('fid', '{ws}/junk.npz {ws}/samples/samples.npz --inception {inception}', write_file('junk.npz'),
      'junk.npz: not a readable .npz'),
     ('fid', '{ws}/four.npz {ws}/junk.npz --inception {inception}',
-     lambda ws: (write('four.npz', random_images(4, 32))(ws), write('junk.npz')(ws)), 'junk.npz: not a readable .npz'),
+     lambda ws: (write_file('four.npz', random_images(4, 32))(ws), write_file('junk.npz')(ws)),
+     'junk.npz: not a readable .npz'),  # the reference
     ('fid', '{ws}/empty.npz {ws}/samples/samples.npz --inception {inception}',
-     write('empty.npz', np.zeros((0, 32, 32, 3), np.uint8)), 'holds no images'),
-    ('fid', '{ws}/one.npz {ws}/samples/samples.npz --inception {inception}', write('one.npz', random_images(1, 32)),
-     'one.npz: 1 image;'),
-    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}', write('images/broken.png'),
+     write_file('empty.npz', np.zeros((0, 32, 32, 3), np.uint8)), 'holds no images'),
+    ('fid', '{ws}/one.npz {ws}/samples/samples.npz --inception {inception}',
+     write_file('one.npz', random_images(1, 32)), 'one.npz: 1 image;'),
+    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}', write_file('images/broken.png'),
      'broken.png: not a readable image'),
-    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}', damage('images/dogs/2.png', cut=100),
-     '2.png: not a readable image'),  # the header reads, the pixels do not: found while scoring
+    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}',
+     damage_file('images/dogs/2.png', cut=100), '2.png: not a readable image'),  # header read, pixels not: mid-run
     ('fid', '{ws}/four.npz --save_stats {ws}/ref.npz --inception {inception}',
-     lambda ws: (write('four.npz', random_images(4, 32))(ws), damage('four.npz', flip=1000)(ws)), 'four.npz: arr_0 unreadable'),
+     lambda ws: (write_file('four.npz', random_images(4, 32))(ws), damage_file('four.npz', flip=1000)(ws)),
+     'four.npz: arr_0 unreadable'),  # a CRC error, found at the end of arr_0
     ('fid', '{ws}/images --save_stats {ws}/run --inception {inception}', None, '--save_stats'),
     ('fid', '{ws}/images --save_stats {ws}/ref.npz --batch_size 0', None, '--batch_size 0'),
 ]
