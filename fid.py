@@ -1,21 +1,29 @@
 """
 FID, sFID, Inception Score and precision/recall as the ADM evaluator computes them (openai/guided-diffusion
-evaluations/evaluator.py, used by LlamaGen, VAR, RAR and, through torch-fidelity, MAR), with torch, numpy,
-scipy and pillow only: the FID Inception-v3 of the TF graph of 2015-12-05, TF-1 bilinear resize to 299x299
-and (x - 128) / 128, as torch-fidelity reproduces them.
+evaluations/evaluator.py, the numbers of the paper's Table 2, LlamaGen, VAR and RAR), with torch, numpy, scipy
+and pillow only: the FID Inception-v3 of the TF graph of 2015-12-05, TF-1 bilinear resize to 299x299 and
+(x - 128) / 128, as torch-fidelity reproduces them.
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz   # Table 2: FID, sFID, IS, precision, recall
     python fid.py samples.npz DIR                               # against another image set (.npz or folder)
     python fid.py DIR --save_stats ref.npz                      # a reference batch of your own dataset
-    python fid.py samples.npz ref.npz --resize pytorch          # pytorch-fid's resize and scaling
+    python fid.py samples.npz ref.npz --is_splits torch_fidelity  # IS as MAR's online evaluation
+    python fid.py --bench                                       # feature extraction images/s at batch 200
 
 SAMPLES is an .npz with arr_0 (uint8 images (N, H, W, 3), as sample.py writes) or a folder of images of
-one size. The weights are pytorch-fid's port of the TF graph, pt_inception-2015-12-05-6726825d.pth, read
-from where pytorch-fid downloads it (--inception to point elsewhere).
+one size. Both are read batch by batch, so memory holds the float32 features (20 KB per image), not the
+images (9.8 GB for 50,000 of 256x256). The weights are pytorch-fid's port of the TF graph,
+pt_inception-2015-12-05-6726825d.pth, read from where pytorch-fid downloads it (--inception to point elsewhere).
 """
 import argparse
 import math
 import os
+import resource
+import sys
+import time
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -32,6 +40,11 @@ DEFAULT_WEIGHTS = '~/.cache/torch/hub/checkpoints/' + WEIGHTS_FILE  # where pyto
 IMAGE_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')  # pytorch-fid's
 # the ADM reference-batch layout: pool3 statistics and those of the spatial features (sFID)
 STATS_SHAPES = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
+METRIC_NAMES = {'fid': 'FID', 'sfid': 'sFID', 'is': 'IS', 'precision': 'precision', 'recall': 'recall'}
+IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000): consecutive parts, in the file's order
+IS_SPLITS_TORCH_FIDELITY = 10  # torch-fidelity's isc_splits default, after its shuffle with RandomState(2020)
+FULL_RANK = 2048  # fewer images than feature dimensions leave the covariance singular
+BENCH_SECONDS = 10  # --bench times whole batches for at least this long
 
 # -----------------------------------------------------------------------------
 # The FID Inception-v3: torchvision's module names (so the published state dict loads as it is),
@@ -251,26 +264,52 @@ def no_tf32():
 
 
 @torch.no_grad()
-def features(model, images, batch_size=64, device='cpu', resize='tf1'):
-    """Features of uint8 images (N, H, W, 3) as float64 numpy arrays: pool3 (N, 2048), the spatial features of
-    sFID (N, 2023) and the IS logits (N, 1008), pool3 @ fc.weight.T without the bias (as ADM and torch-fidelity)."""
-    check_images(images, 'images')
-    out = {'pool': [], 'spatial': [], 'logits': []}
-    with no_tf32():
-        for i in range(0, len(images), batch_size):
-            pool, spatial = model(preprocess(torch.as_tensor(images[i:i + batch_size]).to(device), resize))
-            for k, v in zip(out, (pool, spatial, pool @ model.fc.weight.T)):
-                out[k].append(v.double().cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+def features(model, images, batch_size=64, device='cpu', resize='tf1', log=None):
+    """float32 features of uint8 images (N, H, W, 3): pool3 (N, 2048), the spatial features of sFID (N, 2023)
+    and the IS logits (N, 1008), pool3 @ fc.weight.T without the bias (as ADM and torch-fidelity). images is
+    anything with len() and slices: an array, a tensor, NpzImages, FolderImages. With log (a name), a
+    progress line every 30 s."""
+    N, out = len(images), None
+    t0 = last = time.time()
+    with no_tf32(), ThreadPoolExecutor(1) as reader:  # the next batch is read and decoded while this one runs
+        next_batch = reader.submit(images.__getitem__, slice(0, batch_size))
+        for i in range(0, N, batch_size):
+            batch = next_batch.result()
+            if i + batch_size < N:
+                next_batch = reader.submit(images.__getitem__, slice(i + batch_size, i + 2 * batch_size))
+            check_images(batch.dtype, tuple(batch.shape), 'images')
+            pool, spatial = model(preprocess(torch.as_tensor(batch).to(device), resize))
+            batch_feats = {'pool': pool, 'spatial': spatial, 'logits': pool @ model.fc.weight.T}
+            if out is None:  # filled in place: concatenating the batches would hold every feature twice
+                out = {k: np.empty((N, v.shape[1]), np.float32) for k, v in batch_feats.items()}
+            for k, v in batch_feats.items():
+                out[k][i:i + len(v)] = v.cpu().numpy()
+            done = i + len(batch)
+            if log and (time.time() - last >= 30 or done == N):
+                last, rate = time.time(), done / (time.time() - t0)
+                left = f"{(N - done) / rate / 60:.0f} min left" if done < N else f"{last - t0:.0f} s"
+                print(f"{log}: {done}/{N} images, {rate:.1f} images/s, {left}", flush=True)
+    return out
 
 # -----------------------------------------------------------------------------
 # Metrics
 
 
+def mean_cov(x, block=4096):
+    """Mean and unbiased covariance, float64, of float32 features x (N, D), the covariance summed over blocks
+    of centred rows: np.cov would first copy all of x to float64 (0.8 GB for 50,000 x 2048)."""
+    mu = x.mean(0, dtype=np.float64)
+    sigma = np.zeros((x.shape[1], x.shape[1]))
+    for i in range(0, len(x), block):
+        d = x[i:i + block] - mu  # (block, D) float64
+        sigma += d.T @ d
+    return mu, sigma / (len(x) - 1)
+
+
 def stats(feats):
     """Mean and covariance (unbiased, float64) of pool3 and of the spatial features, in ADM's npz keys."""
-    return dict(mu=feats['pool'].mean(0), sigma=np.cov(feats['pool'], rowvar=False),
-                mu_s=feats['spatial'].mean(0), sigma_s=np.cov(feats['spatial'], rowvar=False))
+    (mu, sigma), (mu_s, sigma_s) = mean_cov(feats['pool']), mean_cov(feats['spatial'])
+    return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -290,52 +329,73 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits, splits=10, seed=2020):
-    """exp(E_x KL(p(y|x) || p(y))) over the 1008 classes, averaged over splits of the shuffled samples."""
-    N = len(logits)
-    assert N >= splits, f"{N} samples for {splits} splits"
-    # shuffled first, so that class-sorted sample files do not give one-class splits; RandomState(2020) is
-    # torch-fidelity's permutation (metric_isc.py), so the score equals its score on the same features
-    log_p = torch.as_tensor(logits, dtype=torch.float64)[np.random.RandomState(seed).permutation(N)].log_softmax(1)
+def inception_score(logits, splits='adm'):
+    """exp(E_x KL(p(y|x) || p(y))) over the 1008 classes, averaged over splits of the samples (N, 1008).
+    'adm', the ADM evaluator's (the paper's Table 2): consecutive parts of 5000 in the given order, the last one
+    shorter. 'torch_fidelity' (MAR's online evaluation): 10 equal parts after a shuffle with RandomState(2020)."""
+    N, logits = len(logits), np.asarray(logits)
+    if splits == 'adm' and N >= 1:
+        order, bounds = np.arange(N), list(range(0, N, IS_SPLIT_SIZE)) + [N]
+    elif splits == 'torch_fidelity' and N >= IS_SPLITS_TORCH_FIDELITY:
+        # torch-fidelity's permutation (metric_isc.py), numpy's generator, so that the scores are equal
+        order = np.random.RandomState(2020).permutation(N)
+        bounds = [k * N // IS_SPLITS_TORCH_FIDELITY for k in range(IS_SPLITS_TORCH_FIDELITY + 1)]
+    else:
+        raise ValueError(f"Inception Score with splits={splits!r} of {N} images: 'adm' needs 1 image or more, "
+                         f"'torch_fidelity' {IS_SPLITS_TORCH_FIDELITY} or more")
     scores = []
-    for k in range(splits):
-        part = log_p[k * N // splits:(k + 1) * N // splits]  # (n, 1008) torch-fidelity's split boundaries
-        log_py = part.exp().mean(0).log()  # (1008,) the marginal p(y) of the split
-        scores.append((part.exp() * (part - log_py)).sum(1).mean().exp().item())
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        log_p = torch.as_tensor(logits[order[a:b]], dtype=torch.float64).log_softmax(1)  # (b - a, 1008)
+        log_py = log_p.exp().mean(0).log()  # (1008,) the marginal p(y) of the split
+        scores.append((log_p.exp() * (log_p - log_py)).sum(1).mean().exp().item())
     return float(np.mean(scores))
 
 
 def sq_dists(a, b):
-    """Squared Euclidean distances (A, B), |a|^2 - 2 a.b + |b|^2 as ADM's DistanceBlock (fp32; ADM tries fp16 first)."""
-    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
+    """Squared Euclidean distances (A, B) as ADM's DistanceBlock, |a|^2 - 2 a.b + |b|^2, in one (A, B) buffer."""
+    d = (a @ b.T).mul_(-2)  # (A, B)
+    return d.add_(torch.einsum('ij,ij->i', a, a)[:, None]).add_(torch.einsum('ij,ij->i', b, b)[None]).clamp_min_(0)
 
 
 @torch.no_grad()
-def precision_recall(real, fake, k=3, batch_size=10000, device='cpu'):
+def precision_recall(real, fake, k=3, max_block=2 ** 25, device='cpu'):
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is on a
-    set's manifold if it lies within the distance from some point of that set to its k-th nearest neighbour."""
-    assert min(len(real), len(fake)) > k, f"precision/recall with k = {k} need more than {k} images per set"
+    set's manifold if it lies within the distance from some point of that set to its k-th nearest neighbour.
+    Distances in fp32 (ADM's are fp16, fp32 only where fp16 overflows), max_block of them at a time (128 MB)."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k = {k} need more than {k} images per set, "
+                         f"got {len(real)} and {len(fake)}")
     real, fake = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (real, fake))
 
+    def blocks(x, centres):  # row ranges of x whose distances to all centres fill at most max_block
+        rows = max(1, max_block // len(centres))
+        return [(i, min(i + rows, len(x))) for i in range(0, len(x), rows)]
+
     def radii(x):  # (k+1)-th smallest distance, the point itself being the first (ADM and torch-fidelity)
-        return torch.cat([sq_dists(r, x).kthvalue(k + 1, dim=1).values for r in x.split(batch_size)])
+        out = torch.empty(len(x), device=device)  # in place: small tensors kept between blocks fragment the heap
+        for i, j in blocks(x, x):
+            out[i:j] = sq_dists(x[i:j], x).kthvalue(k + 1, dim=1).values
+        return out
 
     def on_manifold(x, centres, r):  # (len(x),) whether each point of x is in some ball
-        return torch.cat([(sq_dists(p, centres) <= r).any(1) for p in x.split(batch_size)]).double()
+        out = torch.empty(len(x), dtype=torch.bool, device=device)
+        for i, j in blocks(x, centres):
+            out[i:j] = (sq_dists(x[i:j], centres) <= r).any(1)
+        return out.double()
     with no_tf32():
         precision = on_manifold(fake, real, radii(real)).mean().item()  # samples on the reference manifold
         recall = on_manifold(real, fake, radii(fake)).mean().item()  # references on the sample manifold
     return precision, recall
 
 
-def metrics(feats, ref, ref_pool=None, device='cpu'):
-    """FID, sFID (when ref has spatial statistics), IS and precision/recall (when ref_pool is given, ADM's
-    reference images) of sample features against reference statistics."""
+def metrics(feats, ref, ref_pool=None, device='cpu', is_splits='adm'):
+    """FID, sFID (when ref has spatial statistics), IS (is_splits: see inception_score) and precision/recall
+    (when ref_pool is given, ADM's reference images) of sample features against reference statistics."""
     s = stats(feats)
     out = {'fid': frechet_distance(s['mu'], s['sigma'], ref['mu'], ref['sigma'])}
     if 'mu_s' in ref:
         out['sfid'] = frechet_distance(s['mu_s'], s['sigma_s'], ref['mu_s'], ref['sigma_s'])
-    out['is'] = inception_score(feats['logits'], splits=min(10, len(feats['logits'])))  # min: toy sets only
+    out['is'] = inception_score(feats['logits'], is_splits)
     if ref_pool is not None:
         out['precision'], out['recall'] = precision_recall(ref_pool, feats['pool'], device=device)
     return out
@@ -397,96 +457,258 @@ class SmallImageMetric:
 # Image sets and reference batches
 
 
-def check_images(images, where):
-    if images.dtype not in (np.uint8, torch.uint8) or images.ndim != 4 or images.shape[-1] != 3:
-        raise SystemExit(f"error: {where}: {images.dtype} array of shape {tuple(images.shape)}; expected uint8 "
-                         f"images (N, H, W, 3), the layout sample.py and ADM write")
+def one_line(e):
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def check_images(dtype, shape, where):
+    if dtype not in (np.uint8, torch.uint8) or len(shape) != 4 or shape[-1] != 3:
+        raise SystemExit(f"error: {where}: {dtype} array of shape {tuple(shape)}; expected uint8 images "
+                         f"(N, H, W, 3), the layout sample.py and ADM write")
+
+
+def check_count(n, where, covariance=True):
+    """At least 4 images (a covariance needs 2, precision/recall k + 1 = 4); a one-line warning below 2048
+    when their covariance is computed."""
+    if n < 4:
+        raise SystemExit(f"error: {where}: {n} image{'s' * (n != 1)}; FID and precision/recall need at least 4 "
+                         f"(the paper scores 50,000 against ADM's 10,000)")
+    if covariance and n < FULL_RANK:
+        print(f"warning: {where}: {n} images, fewer than the {FULL_RANK} feature dimensions: the covariance is "
+              f"singular and FID is biased upwards; compare only with scores of as many images", file=sys.stderr)
+
+
+def open_npz(path):
+    """The zip archive an .npz is, or one error line."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SystemExit(f"error: {path}: not a readable .npz ({one_line(e)}); write it with np.savez")
+
+
+class NpzImages:
+    """arr_0 of an .npz read in contiguous slices through zipfile, stored (np.savez) or deflated
+    (np.savez_compressed) alike, as ADM's evaluator reads it. np.load(path, mmap_mode='r') reads .npz
+    members whole, and a memory map would count every page read as memory of the process."""
+
+    def __init__(self, path):
+        self.path, self.zip = path, open_npz(path)
+        keys = [n[:-len('.npy')] for n in self.zip.namelist()]
+        if 'arr_0' not in keys:
+            raise SystemExit(f"error: {path} has no 'arr_0' (keys: {keys}); expected uint8 images (N, H, W, 3) in "
+                             f"arr_0, as sample.py writes")
+        try:
+            self.file = self.zip.open('arr_0.npy')
+            version = np.lib.format.read_magic(self.file)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            self.shape, fortran_order, dtype = read_header[version](self.file)
+        except (KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise SystemExit(f"error: {path}: arr_0 is not a readable .npy array ({one_line(e)})")
+        check_images(dtype, self.shape, path)
+        if fortran_order or len(self) == 0:
+            raise SystemExit(f"error: {path}: arr_0 of shape {self.shape} " + ('holds no images' if len(self) == 0
+                             else 'is in Fortran order; save np.ascontiguousarray(images)'))
+        self.start, self.row = self.file.tell(), math.prod(self.shape[1:])  # where the data begins, bytes per image
+        if self.zip.getinfo('arr_0.npy').file_size != self.start + len(self) * self.row:
+            raise SystemExit(f"error: {path}: arr_0 holds {self.zip.getinfo('arr_0.npy').file_size - self.start} "
+                             f"bytes of data, not the {len(self) * self.row} of its shape {self.shape}; write it again")
+        self.pos = 0  # the image the file is at
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, s):
+        i, j, _ = s.indices(len(self))
+        j = max(i, j)
+        try:
+            if i != self.pos:  # zipfile seeks forward by reading on, backward by starting the member again
+                self.file.seek(self.start + i * self.row)
+            data = self.file.read((j - i) * self.row)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # e.g. a CRC error at the end
+            raise SystemExit(f"error: {self.path}: arr_0 unreadable after image {i} ({one_line(e)})")
+        if len(data) != (j - i) * self.row:
+            raise SystemExit(f"error: {self.path}: arr_0 ends at image {i + len(data) // self.row} of {len(self)}")
+        self.pos = j
+        return np.frombuffer(bytearray(data), np.uint8).reshape(j - i, *self.shape[1:])  # writable, for torch
+
+
+def read_image(path, size_only=False):
+    """An image file as uint8 (H, W, 3) RGB, or only its (W, H), or one error line naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.size if size_only else np.asarray(im.convert('RGB'))
+    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        raise SystemExit(f"error: {path}: not a readable image ({one_line(e)}); remove or replace it")
+
+
+class FolderImages:
+    """The images of a folder, searched recursively, in sorted order, decoded slice by slice. Every header is
+    read up front, so that a bad file or a second size stops the run before the first batch, not hours in."""
+
+    def __init__(self, path):
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise SystemExit(f"error: {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        sizes = {}  # (W, H) -> the first file of that size
+        for f in self.files:
+            sizes.setdefault(read_image(f, size_only=True), f)
+        if len(sizes) > 1:
+            (a, fa), (b, fb) = list(sizes.items())[:2]
+            raise SystemExit(f"error: {path}: images of {len(sizes)} sizes ({fa}: {a[0]}x{a[1]}, {fb}: {b[0]}x{b[1]}); "
+                             f"resize them to one size first, as the evaluated samples have")
+        (W, H), = sizes
+        self.shape = (len(self.files), H, W, 3)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, s):
+        return np.stack([read_image(f) for f in self.files[s]])  # (B, H, W, 3)
 
 
 def load_images(path):
-    """uint8 images (N, H, W, 3) from an .npz (arr_0) or a folder of images of one size (searched recursively)."""
+    """uint8 images (N, H, W, 3), read lazily: arr_0 of an .npz, or a folder of images of one size."""
+    if os.path.isdir(path):
+        return FolderImages(path)
     if os.path.isfile(path) and path.endswith('.npz'):
-        with np.load(path) as f:
-            if 'arr_0' not in f.files:
-                raise SystemExit(f"error: {path} has no 'arr_0' (keys: {f.files}); expected uint8 images "
-                                 f"(N, H, W, 3) in arr_0, as sample.py writes")
-            images = f['arr_0']
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise SystemExit(f"error: {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-        images = [np.asarray(Image.open(f).convert('RGB')) for f in files]
-        sizes = sorted({im.shape[:2] for im in images})
-        if len(sizes) > 1:
-            raise SystemExit(f"error: {path}: images of {len(sizes)} sizes (e.g. {sizes[0]} and {sizes[-1]}); "
-                             f"resize them to one size first, as the evaluated samples have")
-        images = np.stack(images)  # (N, H, W, 3)
-    else:
-        raise SystemExit(f"error: {path}: {'not an .npz file or a folder' if os.path.exists(path) else 'no such file'}")
-    check_images(images, path)
-    return images
+        return NpzImages(path)
+    raise SystemExit(f"error: {path}: {'not an .npz file or a folder' if os.path.exists(path) else 'no such file'}")
 
 
-def load_reference(path, model, batch_size=64, device='cpu', resize='tf1'):
+def read_stats(zf, path):
+    """The statistics in a reference batch .npz, checked against ADM's layout, or {} when it has none."""
+    ref = {}
+    for k in STATS_SHAPES:
+        if k + '.npy' in zf.namelist():
+            try:
+                with zf.open(k + '.npy') as f:
+                    ref[k] = np.lib.format.read_array(f)
+            except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise SystemExit(f"error: {path}: '{k}' is not a readable array ({one_line(e)})")
+    needed = ['mu', 'sigma'] + (['mu_s', 'sigma_s'] if 'mu_s' in ref or 'sigma_s' in ref else [])
+    for k in needed if ref else []:
+        if k not in ref or ref[k].shape != STATS_SHAPES[k]:
+            raise SystemExit(f"error: {path}: '{k}' is {ref[k].shape if k in ref else 'missing'}, expected "
+                             f"{STATS_SHAPES[k]} (ADM's reference batch layout: mu, sigma, mu_s, sigma_s)")
+    return ref
+
+
+def load_reference(path, model, batch_size=64, device='cpu', resize='tf1', log=None):
     """(statistics, pool3 features or None) of a reference batch .npz (mu, sigma, optionally mu_s, sigma_s and
     the images arr_0, as ADM's VIRTUAL_imagenet256_labeled.npz) or of any image set."""
+    ref, images = {}, None
     if os.path.isfile(path) and path.endswith('.npz'):
-        with np.load(path) as f:
-            ref = {k: f[k] for k in STATS_SHAPES if k in f.files}
-            keys = f.files
-        if not ref and 'arr_0' not in keys:
-            raise SystemExit(f"error: {path} has neither statistics (mu, sigma) nor images (arr_0); keys: {keys}")
-        if ref:  # statistics given: the images, if any, serve precision/recall only (as in ADM's evaluator)
-            needed = ['mu', 'sigma'] + (['mu_s', 'sigma_s'] if 'mu_s' in ref or 'sigma_s' in ref else [])
-            for k in needed:
-                if k not in ref or ref[k].shape != STATS_SHAPES[k]:
-                    raise SystemExit(f"error: {path}: '{k}' is {ref[k].shape if k in ref else 'missing'}, expected "
-                                     f"{STATS_SHAPES[k]} (ADM's reference batch layout: mu, sigma, mu_s, sigma_s)")
-            pool = features(model, load_images(path), batch_size, device, resize)['pool'] if 'arr_0' in keys else None
-            return ref, pool
-    feats = features(model, load_images(path), batch_size, device, resize)
-    return stats(feats), feats['pool']
+        zf = open_npz(path)
+        ref = read_stats(zf, path)
+        if not ref and 'arr_0.npy' not in zf.namelist():
+            raise SystemExit(f"error: {path} has neither statistics (mu, sigma) nor images (arr_0); keys: "
+                             f"{[n[:-len('.npy')] for n in zf.namelist()]}")
+        if 'arr_0.npy' in zf.namelist():  # with statistics, the images serve precision/recall only (as in ADM)
+            images = NpzImages(path)
+    else:
+        images = load_images(path)
+    if images is None:
+        return ref, None
+    check_count(len(images), path, covariance=not ref)
+    feats = features(model, images, batch_size, device, resize, log)
+    return ref or stats(feats), feats['pool']
 
 
-def evaluate(images, ref, model, batch_size=64, device='cpu', resize='tf1'):
-    """Metrics of uint8 images (N, H, W, 3) against a reference (a path, see load_reference): a dict with fid,
-    sfid, is, and precision, recall when the reference has images."""
-    ref_stats, ref_pool = load_reference(ref, model, batch_size, device, resize)
-    return metrics(features(model, images, batch_size, device, resize), ref_stats, ref_pool, device)
+def save_reference(path, s, images, batch_size=64):
+    """Statistics s and the images (for precision/recall) as a reference batch in np.savez's layout (a zip of
+    stored .npy members), the images copied batch by batch, through a temporary file."""
+    try:
+        with zipfile.ZipFile(path + '.tmp', 'w', allowZip64=True) as zf:
+            for k, v in s.items():
+                with zf.open(k + '.npy', 'w') as f:
+                    np.lib.format.write_array(f, v)
+            with zf.open('arr_0.npy', 'w', force_zip64=True) as f:  # zip64: 10,000 256x256 images pass 4 GB
+                np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=images.shape))
+                for i in range(0, len(images), batch_size):
+                    f.write(images[i:i + batch_size].tobytes())
+        os.replace(path + '.tmp', path)
+    except BaseException as e:  # nothing half-written stays behind; a full disk is one line, not a traceback
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        if isinstance(e, OSError):
+            raise SystemExit(f"error: {path}: not written ({one_line(e)})")
+        raise
+
+# -----------------------------------------------------------------------------
+# Speed, and the command line
+
+
+def bench(args, device):
+    """Feature extraction images/s at batch args.bench on random 256x256 images (resize, network, copy back),
+    with random weights when the weights file is missing: the speed does not depend on them."""
+    path = os.path.expanduser(args.inception)
+    model = load_inception(path, device) if os.path.isfile(path) else FIDInception().to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.bench, 256, 256, 3), dtype=torch.uint8, generator=g)  # (B, 256, 256, 3)
+    # warm-up: the CUDA context and cuDNN's choices for this shape; a CPU needs only its first small pass
+    features(model, images if device.startswith('cuda') else images[:2], args.bench, device, args.resize)
+    t0, n = time.time(), 0
+    while n == 0 or time.time() - t0 < BENCH_SECONDS:  # features() ends on a copy to the host: all is timed
+        features(model, images, args.bench, device, args.resize)
+        n += 1
+    peak = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB on the GPU" if device.startswith('cuda')
+            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB (process RSS)")  # Linux: KiB
+    print(f"bench: {n * args.bench / (time.time() - t0):.1f} images/s at batch {args.bench} on {device} (--resize "
+          f"{args.resize}), {'weights ' + path if os.path.isfile(path) else 'random weights: no ' + path}; "
+          f"peak memory {peak}")
 
 
 def main(args):
-    if args.ref is None and args.save_stats is None:
-        raise SystemExit("error: give REF to compare SAMPLES with, or --save_stats OUT.npz to write their statistics")
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.batch_size < 1 or args.bench < 0:
+        raise SystemExit(f"error: --batch_size {args.batch_size}, --bench {args.bench}: batch sizes must be positive")
+    if args.bench:
+        return bench(args, device)
+    if args.samples is None or (args.ref is None and args.save_stats is None):
+        raise SystemExit("error: give SAMPLES and REF to compare them, or SAMPLES --save_stats OUT.npz to write "
+                         "their statistics (or --bench)")
+    out_dir = os.path.dirname(args.save_stats or '.') or '.'
+    if args.save_stats and (os.path.isdir(args.save_stats) or not os.path.isdir(out_dir)):
+        raise SystemExit(f"error: --save_stats {args.save_stats}: not a file name in an existing folder")
+    images = load_images(args.samples)  # checked before anything is computed: errors come first
+    check_count(len(images), args.samples)
+    if args.ref and args.is_splits == 'torch_fidelity' and len(images) < IS_SPLITS_TORCH_FIDELITY:
+        raise SystemExit(f"error: {args.samples}: {len(images)} images; --is_splits torch_fidelity needs "
+                         f"{IS_SPLITS_TORCH_FIDELITY}, one per split")
     model = load_inception(args.inception, device)
-    images = load_images(args.samples)  # read before the reference's features are computed: errors come first
-    ref = load_reference(args.ref, model, args.batch_size, device, args.resize) if args.ref else None
-    print(f"{args.samples}: {len(images)} images of {images.shape[1]}x{images.shape[2]}")
-    feats = features(model, images, args.batch_size, device, args.resize)
+    ref = load_reference(args.ref, model, args.batch_size, device, args.resize, log=args.ref) if args.ref else None
+    print(f"{args.samples}: {len(images)} images of {images.shape[1]}x{images.shape[2]}", flush=True)
+    feats = features(model, images, args.batch_size, device, args.resize, log=args.samples)
     if args.save_stats:  # the images too, so that precision/recall work against this file
-        np.savez(args.save_stats, arr_0=images, **stats(feats))
+        save_reference(args.save_stats, stats(feats), images, args.batch_size)
         print(f"wrote {args.save_stats} (mu, sigma, mu_s, sigma_s, arr_0; --resize {args.resize})")
     if ref is not None:
-        names = {'fid': 'FID', 'sfid': 'sFID', 'is': 'IS', 'precision': 'precision', 'recall': 'recall'}
-        for k, v in metrics(feats, *ref, device=device).items():
-            print(f"{names[k]} {v:.4f}")
+        for k, v in metrics(feats, *ref, device=device, is_splits=args.is_splits).items():
+            print(f"{METRIC_NAMES[k]} {v:.4f}")
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('samples', help='.npz with arr_0 (uint8 N, H, W, 3) or a folder of images')
+    parser.add_argument('samples', nargs='?', default=None,
+                        help='.npz with arr_0 (uint8 N, H, W, 3) or a folder of images')
     parser.add_argument('ref', nargs='?', default=None,
                         help='reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0) or another image set')
     parser.add_argument('--save_stats', default=None, metavar='OUT.npz',
                         help="write SAMPLES' statistics and images as a reference batch (ADM's layout)")
+    # the definitions
     parser.add_argument('--inception', default=DEFAULT_WEIGHTS, help=f'weights, from {WEIGHTS_URL}')
     parser.add_argument('--resize', default='tf1', choices=['tf1', 'pytorch'],
                         help="tf1: TF-1 bilinear, (x-128)/128 (ADM, torch-fidelity); pytorch: F.interpolate, "
                              "2x/255-1 (pytorch-fid); a reference's statistics must come from the same mode")
-    parser.add_argument('--batch_size', type=int, default=64, help="ADM's evaluator: 64")
+    parser.add_argument('--is_splits', default='adm', choices=['adm', 'torch_fidelity'],
+                        help="adm: parts of 5000 in file order (ADM's evaluator, the paper's Table 2); "
+                             "torch_fidelity: 10 parts after a seeded shuffle (MAR's online evaluation)")
+    # system
+    parser.add_argument('--batch_size', type=int, default=64, help="images per forward pass (ADM's evaluator: 64)")
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--bench', type=int, nargs='?', const=200, default=0, metavar='BATCH',
+                        help='only measure feature extraction images/s at this batch size (default 200)')
     return parser
 
 

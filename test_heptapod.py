@@ -4,6 +4,7 @@ Tiny configs on the CPU with fixed seeds; each test checks one property.
 """
 import argparse
 import errno
+import functools
 import json
 import math
 import os
@@ -1636,6 +1637,30 @@ def run_fid(*argv):
     fid.main(fid.get_parser().parse_args(list(argv)))
 
 
+class TinyInception(nn.Module):
+    """A stand-in for the FID Inception with its interface, (pool, spatial) and fc, that scores thousands of
+    images a second: pooled pixels and a fixed random projection. For tests of reading, streaming and the CLI."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.fc = nn.Linear(48, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.proj(F.adaptive_avg_pool2d(x, 4).flatten(1)).relu(), F.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def cheap_preprocess(images, resize='tf1'):
+    return images.permute(0, 3, 1, 2).float() / 128 - 1  # (B, 3, H, W), no resize to 299: TinyInception's input
+
+
+@pytest.fixture
+def tiny_fid(monkeypatch):
+    """fid.py with TinyInception in place of the weights file and the resize to 299."""
+    monkeypatch.setattr(fid, 'load_inception', lambda *a, **kw: TinyInception().eval())
+    monkeypatch.setattr(fid, 'preprocess', cheap_preprocess)
+
+
 # -----------------------------------------------------------------------------
 # the network and its weights
 
@@ -1755,6 +1780,14 @@ def test_frechet_distance_refuses_a_large_imaginary_part():
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
 
 
+def test_blockwise_covariance_equals_np_cov_of_the_float64_features():
+    x = (np.random.default_rng(0).normal(size=(1000, 16)) * 3 + 5).astype(np.float32)
+    mu, sigma = fid.mean_cov(x, block=300)  # blocks of 300, 300, 300, 100 rows
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+
+
 def test_inception_score_is_one_for_identical_predictions():
     logits = np.tile(np.random.default_rng(0).normal(size=1008), (50, 1))
     assert fid.inception_score(logits) == pytest.approx(1.0, abs=1e-12)
@@ -1762,12 +1795,35 @@ def test_inception_score_is_one_for_identical_predictions():
 
 def test_inception_score_equals_the_number_of_classes_for_uniform_one_hot_predictions():
     logits = 60 * np.eye(1008)[np.arange(2 * 1008) % 1008]  # every class twice, softmax one-hot to 1e-23
-    assert fid.inception_score(logits, splits=1) == pytest.approx(1008, rel=1e-9)
+    assert fid.inception_score(logits, splits='adm') == pytest.approx(1008, rel=1e-9)  # 2016 images: one split
 
 
-def test_inception_score_shuffles_class_sorted_samples_before_splitting():
+def test_torch_fidelity_inception_score_shuffles_class_sorted_samples_before_splitting():
     logits = 60 * np.eye(1008)[np.repeat(np.arange(10), 100)]  # sorted by class: each unshuffled split is one class
-    assert fid.inception_score(logits, splits=10) > 8  # shuffled: ~10 classes per split, not 1
+    assert fid.inception_score(logits, splits='torch_fidelity') > 8  # shuffled: ~10 classes per split, not 1
+
+
+def test_adm_inception_score_equals_adms_formula_on_class_sorted_samples():
+    g = np.random.default_rng(0)
+    labels = np.repeat(np.arange(100), 110)  # 11,000 samples sorted by class: ADM splits 5000, 5000, 1000 in order
+    logits = 8 * np.eye(100)[labels] + g.normal(size=(len(labels), 100))  # 100 classes keep the test fast
+    preds = np.exp(logits - logits.max(1, keepdims=True))
+    preds /= preds.sum(1, keepdims=True)  # softmax, (11000, 100)
+    scores = []
+    for i in range(0, len(preds), 5000):  # evaluator.py compute_inception_score, written out
+        part = preds[i:i + 5000]
+        kl = part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    assert fid.inception_score(logits, 'adm') == pytest.approx(np.mean(scores), rel=1e-10)
+    assert fid.inception_score(logits, 'torch_fidelity') > 1.2 * np.mean(scores)  # its shuffled splits see all classes
+
+
+@pytest.mark.parametrize('call', [lambda: fid.inception_score(np.zeros((9, 1008)), 'torch_fidelity'),
+                                  lambda: fid.inception_score(np.zeros((0, 1008)), 'adm'),
+                                  lambda: fid.precision_recall(np.zeros((3, 4)), np.zeros((9, 4)), k=3)])
+def test_too_few_images_for_is_or_precision_recall_raise_an_error_that_python_o_keeps(call):
+    with pytest.raises(ValueError, match='need'):
+        call()
 
 
 def test_precision_recall_match_a_brute_force_count():
@@ -1778,7 +1834,7 @@ def test_precision_recall_match_a_brute_force_count():
     precision = (d(fake, real) <= radius(real)[None]).any(1).mean()
     recall = (d(real, fake) <= radius(fake)[None]).any(1).mean()
     assert 0 < precision < 1 and 0 < recall < 1
-    assert fid.precision_recall(real, fake, k=3, batch_size=7) == pytest.approx((precision, recall))
+    assert fid.precision_recall(real, fake, k=3, max_block=100) == pytest.approx((precision, recall))  # 2-3 rows
 
 
 # -----------------------------------------------------------------------------
@@ -1808,13 +1864,93 @@ def test_stats_round_trip_through_save_stats_and_the_cli_prints_each_metric(tmp_
     assert ref_pool is None and all(np.array_equal(ref[k], saved[k]) for k in fid.STATS_SHAPES)
 
 
+@pytest.mark.parametrize('kind', ['stored', 'deflated', 'folder'])
+def test_image_sets_read_in_slices_give_the_whole_array_in_any_order(tmp_path, kind):
+    images = random_images(10, 8)
+    if kind == 'folder':
+        for i, im in enumerate(images):
+            Image.fromarray(im).save(tmp_path / f'{i:02d}.png')
+        path = str(tmp_path)
+    else:
+        path = str(tmp_path / 'x.npz')
+        (np.savez if kind == 'stored' else np.savez_compressed)(path, arr_0=images)
+    loaded = fid.load_images(path)
+    assert len(loaded) == 10 and tuple(loaded.shape) == (10, 8, 8, 3)
+    parts = [loaded[0:3], loaded[3:7], loaded[7:10], loaded[2:5], loaded[9:20]]  # on, then back, then past the end
+    assert all(p.dtype == np.uint8 and p.flags.writeable for p in parts)
+    assert np.array_equal(np.concatenate(parts[:3]), images) and np.array_equal(parts[3], images[2:5])
+    assert np.array_equal(parts[4], images[9:])
+
+
+MEMORY_CHILD = """
+import functools, sys
+import numpy as np
+import fid, test_heptapod as t
+fid.load_inception, fid.preprocess = lambda *a, **kw: t.TinyInception().eval(), t.cheap_preprocess
+fid.precision_recall = functools.partial(fid.precision_recall, max_block=2 ** 16)  # 256 KB distance blocks
+fid.main(fid.get_parser().parse_args([sys.argv[2]] * 2 + sys.argv[3:]))  # first calls allocate pools: not counted
+def peak():  # KiB. Not ru_maxrss: a child started by vfork and exec keeps its parent's (pytest's) in it
+    return int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))
+def reset():  # Linux: the peak RSS starts again from the current RSS
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return peak()
+base = reset()
+fid.main(fid.get_parser().parse_args(sys.argv[1:]))
+print('streamed_kib', peak() - base)
+base = reset()
+with np.load(sys.argv[1]) as f:
+    images = f['arr_0']  # what fid.py did before: the whole array in memory
+print('whole_kib', peak() - base)
+"""
+
+
+def test_npz_larger_than_a_memory_cap_is_streamed_and_scores_as_the_in_memory_array(tmp_path, tiny_fid, monkeypatch):
+    if not os.access('/proc/self/clear_refs', os.W_OK):
+        pytest.skip('measuring the peak memory of a step needs Linux /proc/self/clear_refs')
+    low = np.random.default_rng(1).integers(0, 256, (6000, 8, 8, 3), dtype=np.uint8)
+    images, ref_images = low.repeat(8, 1).repeat(8, 2), random_images(300, 64, seed=2)  # (6000, 64, 64, 3): fast
+    np.savez(tmp_path / 'samples.npz', arr_0=images)  # 74 MB, stored (not compressed) as sample.py writes it
+    np.savez(tmp_path / 'ref.npz', arr_0=ref_images)
+    cap_kib = images.nbytes // 4 // 1024  # a quarter of the images; the run grows by 2 to 6 MB
+    # batches of 16: the allocator keeps a few freed batches resident, up to 30 MB at 64 (not growing with N)
+    argv = [str(tmp_path / 'samples.npz'), str(tmp_path / 'ref.npz'), '--batch_size', '16']
+    run = subprocess.run([sys.executable, '-c', MEMORY_CHILD, *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert run.returncode == 0, run.stderr
+    out = dict(line.split() for line in run.stdout.splitlines() if ':' not in line)
+    assert int(out.pop('streamed_kib')) < cap_kib  # fid.py's whole run: features, statistics, metrics
+    assert int(out.pop('whole_kib')) > images.nbytes // 1024 * 0.9  # the measurement sees an in-memory read
+    monkeypatch.setattr(fid, 'precision_recall', functools.partial(fid.precision_recall, max_block=2 ** 16))
+    tiny = TinyInception().eval()
+    ref_feats = fid.features(tiny, ref_images, batch_size=16)
+    expected = fid.metrics(fid.features(tiny, images, batch_size=16), fid.stats(ref_feats), ref_feats['pool'])
+    assert out == {fid.METRIC_NAMES[k]: f'{v:.4f}' for k, v in expected.items()}
+
+
+def test_fewer_than_2048_images_are_scored_with_a_one_line_warning(tmp_path, tiny_fid, capsys):
+    np.savez(tmp_path / 's.npz', arr_0=random_images(8, 16))
+    run_fid(str(tmp_path / 's.npz'), '--save_stats', str(tmp_path / 'ref.npz'))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: ') and '8 images' in err[0] and '2048' in err[0]
+
+
+def test_bench_reports_images_per_second_with_random_weights_when_the_file_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, 'FIDInception', TinyInception)  # the test checks the report, not the speed
+    monkeypatch.setattr(fid, 'BENCH_SECONDS', 0)  # one timed batch
+    run_fid('--bench', '4', '--inception', str(tmp_path / 'missing.pth'))
+    out = capsys.readouterr().out
+    assert re.match(r'bench: [0-9.]+ images/s at batch 4 on cpu .*random weights: no .*missing\.pth', out)
+    assert os.listdir(tmp_path) == []
+
+
 def test_image_folder_is_read_recursively_and_needs_one_size(tmp_path):
     images = random_images(3, 16)
     os.makedirs(tmp_path / 'a' / 'b')
     for i, name in enumerate(['a/0.png', 'a/b/1.png', '2.png']):
         Image.fromarray(images[i]).save(tmp_path / name)
     (tmp_path / 'notes.txt').write_text('not an image')
-    loaded = fid.load_images(str(tmp_path))
+    loaded = fid.load_images(str(tmp_path))[:]  # read lazily: a slice decodes the files
     assert loaded.dtype == np.uint8 and loaded.shape == (3, 16, 16, 3)
     assert sorted(map(bytes, loaded)) == sorted(map(bytes, images))
     Image.fromarray(random_images(1, 8)[0]).save(tmp_path / 'small.png')
@@ -1874,7 +2010,7 @@ def test_resize_and_inception_score_match_torch_fidelity():
     assert torch.equal(fid.resize_tf1(x), theirs)
     logits = torch.randn(1000, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
     expected = isc.isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)['inception_score_mean']
-    assert fid.inception_score(logits.numpy()) == pytest.approx(expected, rel=1e-12)
+    assert fid.inception_score(logits.numpy(), 'torch_fidelity') == pytest.approx(expected, rel=1e-12)
 
 
 def test_online_evaluation_logs_fid_of_ema_samples_against_the_reference(tmp_path, inception_weights, monkeypatch):
@@ -2035,7 +2171,28 @@ EDITED = '--ckpt {ws}/run/edited.pt --out {ws}/new'
 PREFIX = NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/mask.png'
 
 
-# (command, its arguments with {ws} for a fresh copy of the workspace, what to break there first, what the error names)
+def write_file(name, images=None):
+    """A setup of BAD_INPUTS: ws/name holding images as arr_0, or random bytes when images is None."""
+    def setup(ws):
+        if images is None:
+            (ws / name).write_bytes(np.random.default_rng(0).bytes(4096))
+        else:
+            np.savez(ws / name, arr_0=images)
+    return setup
+
+
+def damage_file(name, flip=None, cut=None):
+    """A setup of BAD_INPUTS: ws/name with the byte at `flip` inverted, or cut to its first `cut` bytes."""
+    def setup(ws):
+        data = bytearray((ws / name).read_bytes())
+        if flip is not None:
+            data[flip] ^= 0xFF
+        (ws / name).write_bytes(data[:cut])
+    return setup
+
+
+# (command, its arguments with {ws} for a fresh copy of the workspace and {inception} for random FID Inception
+# weights, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
     ('train', '--batch_size 0 --out_dir {ws}/new', None, '--batch_size 0 must be at least 1'),
@@ -2114,20 +2271,40 @@ BAD_INPUTS = [
     ('sample', EDITED, a_wrongly_shaped_weight, 'transformer.cls_emb.weight: (3, 3) in the file, (11, 64) in the'),
     ('sample', EDITED, a_nan_weight, 'NaN or inf in 1 of their tensors (transformer.pos_'),
     ('sample', EDITED, random_bytes_checkpoint, 'edited.pt: not a readable PyTorch checkpoint'),
+    # fid.py: files that are not what they claim, too few images, a bad output path
+    ('fid', '{ws}/junk.npz {ws}/samples/samples.npz --inception {inception}', write_file('junk.npz'),
+     'junk.npz: not a readable .npz'),
+    ('fid', '{ws}/four.npz {ws}/junk.npz --inception {inception}',
+     lambda ws: (write_file('four.npz', random_images(4, 32))(ws), write_file('junk.npz')(ws)),
+     'junk.npz: not a readable .npz'),  # the reference
+    ('fid', '{ws}/empty.npz {ws}/samples/samples.npz --inception {inception}',
+     write_file('empty.npz', np.zeros((0, 32, 32, 3), np.uint8)), 'holds no images'),
+    ('fid', '{ws}/one.npz {ws}/samples/samples.npz --inception {inception}',
+     write_file('one.npz', random_images(1, 32)), 'one.npz: 1 image;'),
+    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}', write_file('images/broken.png'),
+     'broken.png: not a readable image'),
+    ('fid', '{ws}/images --save_stats {ws}/ref.npz --inception {inception}',
+     damage_file('images/dogs/2.png', cut=100), '2.png: not a readable image'),  # header read, pixels not: mid-run
+    ('fid', '{ws}/four.npz --save_stats {ws}/ref.npz --inception {inception}',
+     lambda ws: (write_file('four.npz', random_images(4, 32))(ws), damage_file('four.npz', flip=1000)(ws)),
+     'four.npz: arr_0 unreadable'),  # a CRC error, found at the end of arr_0
+    ('fid', '{ws}/images --save_stats {ws}/run --inception {inception}', None, '--save_stats'),
+    ('fid', '{ws}/images --save_stats {ws}/ref.npz --batch_size 0', None, '--batch_size 0'),
 ]
 
 
 @pytest.mark.parametrize('command,argv,setup,match', BAD_INPUTS, ids=[f'{c} {a}' for c, a, _, _ in BAD_INPUTS])
 def test_bad_input_fails_in_one_error_line_and_changes_nothing_on_disk(command, argv, setup, match, workspace,
-                                                                       tmp_path):
+                                                                       tmp_path, request):
     ws = tmp_path / 'ws'
     shutil.copytree(workspace, ws)
     if setup is not None:
         setup(ws)
     before = snapshot(ws)
     get_parser, main = COMMANDS[command]
+    inception = request.getfixturevalue('inception_weights') if '{inception}' in argv else None  # written once
     with pytest.raises(SystemExit) as e:  # any other exception would be a traceback for the user
-        main(get_parser().parse_args(shlex.split(argv.format(ws=ws))))
+        main(get_parser().parse_args(shlex.split(argv.format(ws=ws, inception=inception))))
     message = str(e.value.code)
     assert message.startswith('error: ') and '\n' not in message and match in message, message
     assert snapshot(ws) == before

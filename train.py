@@ -207,7 +207,7 @@ def evaluator(args, tokens, labels, meta, tokenizer, device, master):
         inception = fid.load_inception(args.inception, device)
         ref = fid.load_reference(args.fid_ref, inception, device=device, resize=args.fid_resize) if master else None
         return (functools.partial(fid.features, inception, device=device, resize=args.fid_resize),
-                lambda feats: fid.metrics(feats, *ref, device=device))
+                lambda feats: fid.metrics(feats, *ref, device=device, is_splits='torch_fidelity'))  # as MAR's
     metric = small_image_metric(args, tokens, labels, meta, tokenizer) if master else None
     return lambda images: {'images': images.cpu().numpy()}, lambda feats: metric(feats['images'], feats['labels'])
 
