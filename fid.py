@@ -688,8 +688,15 @@ def main(args):
             print(f"{METRIC_NAMES[k]} {v:.4f}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the usage lines of the docstring as written, and each flag's default (where it has one)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('samples', nargs='?', default=None,
                         help='.npz with arr_0 (uint8 N, H, W, 3) or a folder of images')
     parser.add_argument('ref', nargs='?', default=None,

@@ -32,7 +32,7 @@ from PIL import Image
 import torch.nn.functional as F
 from heads import GaussianDiffusion, Heptapod, linear_flops, take
 from model import make_orders
-from tokenizers import VQTokenizer, center_crop_arr, make_tokenizer, to_rgb
+from tokenizers import HelpFormatter, VQTokenizer, center_crop_arr, make_tokenizer, to_rgb
 
 # dense bf16 peak of one GPU in TFLOP/s, from the vendors' data sheets; the first name found in the device's wins
 PEAK_TFLOPS = {'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312}
@@ -497,7 +497,7 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
     parser.add_argument('--num_images', type=int, default=100, help='the paper: 50000')
     parser.add_argument('--out', default='samples.npz', help='the .npz to write, or a directory for samples.npz')

@@ -31,7 +31,11 @@ from collections import OrderedDict
 from PIL import Image
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of every script: the module docstring's usage lines as written, and each flag's default."""
+    """--help of every script: the module docstring's usage lines as written, and each flag's default (where it
+    has one; fid.py, which imports nothing of ours, has its own copy)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 # -----------------------------------------------------------------------------
