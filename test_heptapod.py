@@ -2013,6 +2013,45 @@ def test_resize_and_inception_score_match_torch_fidelity():
     assert fid.inception_score(logits.numpy(), 'torch_fidelity') == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.fixture(scope='module')
+def shapes_metric():
+    """The small-image metric of 8x8 shapes, as the pixel tokenizer renders them: fit on 3000, 1000 held out."""
+    tok = tokenizers.PixelTokenizer()
+    render = lambda n, seed: (tok.decode(tok.encode(tokenizers.make_shapes(n, size=G, seed=seed)[0])),  # noqa: E731
+                              tokenizers.make_shapes(n, size=G, seed=seed)[1])
+    (train_images, train_labels), (ref_images, ref_labels) = render(3000, 0), render(1000, 1)
+    return fid.SmallImageMetric(train_images, train_labels, ref_images, ref_labels, dim=32), train_images, train_labels
+
+
+def test_small_image_metric_scores_held_out_real_images_near_its_floor_and_noise_far_above(shapes_metric):
+    metric, _, _ = shapes_metric
+    tok = tokenizers.PixelTokenizer()
+    images, labels = tokenizers.make_shapes(500, size=G, seed=2)
+    real = metric(tok.decode(tok.encode(images)), labels)  # real images the metric was not fit on
+    assert real['fd'] < 1.5 * real['fd_floor']
+    assert real['class_acc'] > 0.6 and abs(real['class_acc'] - metric.class_acc_real) < 0.1  # 8x8 shapes: crude
+    noise = metric(torch.randint(0, 256, (500, G, G, 3), dtype=torch.uint8), labels)
+    assert noise['fd'] > 20 * real['fd_floor'] and noise['class_acc'] < 0.3  # 10 classes: chance is 0.1
+
+
+def test_small_image_metric_scores_a_trained_model_better_than_an_untrained_one(shapes_metric):
+    metric, train_images, train_labels = shapes_metric
+    tok = tokenizers.PixelTokenizer()
+    idx = tok.encode(train_images[:2000]).flatten(1)  # (2000, 64) the training tokens again
+    model = tiny_model('linear').train()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 10
+    untrained = metric(tok.decode(generate(model.eval(), labels, 'raster', g).view(-1, G, G)), labels)
+    opt = torch.optim.AdamW(model.train().parameters(), lr=3e-3)
+    for step in range(150):
+        rows = torch.randint(2000, (32,), generator=g)
+        model(idx[rows], train_labels[:2000][rows], make_orders(32, N, 'raster', g), None).backward()
+        opt.step()
+        opt.zero_grad()
+    trained = metric(tok.decode(generate(model.eval(), labels, 'raster', g).view(-1, G, G)), labels)
+    assert trained['fd'] < untrained['fd'] / 3 and trained['class_acc'] > untrained['class_acc']
+
+
 def stand_in_features(model, images, *args, **kwargs):
     """Features of fid.features' shapes from 8x8 thumbnails and a fixed projection: the plumbing of the online
     evaluation is tested without running the Inception 4 times (the network has tests of its own)."""
