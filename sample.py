@@ -412,6 +412,23 @@ def init_distributed(device=None):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
+def bench(args, sample_batch, model, num_classes, device):
+    """--bench: one batch to warm up (and compile), one timed; images/s, FLOPs per image and MFU."""
+    labels = torch.arange(args.batch_size, device=device) % num_classes
+    for k in range(2):
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        t0 = time.time()
+        sample_batch(k, labels)
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+    ips, N = args.batch_size / (time.time() - t0), model.grid_size ** 2
+    flops = sampling_flops(model, len(step_schedule(N, args.num_steps or N)), args.diffusion_steps, args.cfg)
+    peak = peak_flops(device, args.peak_tflops)
+    print(f"bench: {ips:.2f} images/s at batch {args.batch_size}, {args.num_steps or N} steps; "
+          f"{flops / 1e9:.1f} GFLOP per image; MFU {'-' if peak is None else f'{100 * flops * ips / peak:.1f}%'}")
+
+
 def main(args):
     ddp, rank, world_size, device = init_distributed(args.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -436,7 +453,6 @@ def main(args):
     errors = sampling_errors(model.config, order, args.num_steps, args.position_order, prefix and prefix[1])
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
-    N = model.grid_size ** 2
 
     def sample_batch(k, labels):  # batch k, with its own seed: the same images on any number of GPUs
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
@@ -447,21 +463,8 @@ def main(args):
                               args.num_steps, args.position_order, p)
         return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
 
-    if args.bench:  # one batch to warm up, one timed
-        labels = torch.arange(args.batch_size, device=device) % meta['num_classes']
-        sample_batch(0, labels)
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        t0 = time.time()
-        sample_batch(1, labels)
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        ips = args.batch_size / (time.time() - t0)
-        flops = sampling_flops(model, len(step_schedule(N, args.num_steps or N)), args.diffusion_steps, args.cfg)
-        peak = peak_flops(device, args.peak_tflops)
-        print(f"bench: {ips:.2f} images/s at batch {args.batch_size}, {args.num_steps or N} steps; "
-              f"{flops / 1e9:.1f} GFLOP per image; MFU {'-' if peak is None else f'{100 * flops * ips / peak:.1f}%'}")
-        return
+    if args.bench:
+        return bench(args, sample_batch, model, meta['num_classes'], device)
 
     labels = class_labels(args, meta['num_classes'])
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
