@@ -30,14 +30,14 @@ from model import Block, Transformer, init_weights, run_block
 class GlobalHead(nn.Module):
     """Bidirectional Transformer over the whole grid: prefix states at their positions, mask tokens elsewhere."""
 
-    def __init__(self, grid_size, n_layer, n_embd, n_head):
+    def __init__(self, grid_size, n_layer, n_embd, n_head, init='mar'):
         super().__init__()
         N = grid_size * grid_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, n_embd))
         self.pos_emb = nn.Parameter(torch.zeros(1, N, n_embd))  # a learnable embedding per grid position
         self.blocks = nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
-        init_weights(self, n_layer)  # mask token and position embeddings N(0, 0.02), as MAR
+        init_weights(self, init, n_layer)  # mask token and position embeddings N(0, 0.02), as MAR
 
     def forward(self, h, orders, prefix_lens):
         """h: (B, N, C) causal states, h[:, t] has seen t tokens; orders: (B, N) the positions in reading
@@ -80,7 +80,7 @@ class LocalHead(nn.Module):
     """Learnable queries for the chunk of the next position: cross-attention to the prefix, then
     self-attention within the chunk, layer after layer."""
 
-    def __init__(self, grid_size, window, n_layer, n_embd, n_head):
+    def __init__(self, grid_size, window, n_layer, n_embd, n_head, init='mar'):
         super().__init__()
         s = math.isqrt(window)  # chunks are s x s squares that tile the grid
         assert s * s == window and grid_size % s == 0, f"window {window} does not tile a {grid_size}x{grid_size} grid"
@@ -96,7 +96,7 @@ class LocalHead(nn.Module):
         self.register_buffer('chunk_of', chunk_of, persistent=False)
         # the positions of each chunk, row-major inside it: (num_chunks, w)
         self.register_buffer('chunk_pos', chunk_of.argsort(stable=True).view(-1, window), persistent=False)
-        init_weights(self, n_layer)
+        init_weights(self, init, n_layer)
 
     def forward(self, h, orders, prefix_lens):
         """As GlobalHead.forward, but for the w positions of the chunk that holds the next position
@@ -124,10 +124,10 @@ class LocalHead(nn.Module):
 class LinearClassifier(nn.Module):
     """Discrete tokens: a linear classifier over the vocabulary, trained with cross-entropy."""
 
-    def __init__(self, n_embd, vocab_size):
+    def __init__(self, n_embd, vocab_size, init='mar'):
         super().__init__()
         self.linear = nn.Linear(n_embd, vocab_size)
-        init_weights(self, 1)
+        init_weights(self, init)
 
     def loss(self, z, targets, generator=None):
         # z: (M, C) the head's output at the M scored positions; targets: (M,) their token ids
@@ -347,7 +347,7 @@ class Heptapod(nn.Module):
 
     def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, head='global', head_depth=None,
                  window=None, token_dim=0, diffusion_width=None, diffusion_depth=None, clip_denoised=False,
-                 target_position='shifted'):
+                 target_position='shifted', init='mar'):
         super().__init__()
         # the 1D models are told where their next token is (Fig. 4 middle, or RAR's 'added'); the 2D ones never are
         target_position = target_position if head == 'linear' else None
@@ -358,15 +358,15 @@ class Heptapod(nn.Module):
         self.config = dict(vocab_size=vocab_size, num_classes=num_classes, grid_size=grid_size, n_layer=n_layer,
                            n_embd=n_embd, n_head=n_head, head=head, head_depth=head_depth, window=window,
                            token_dim=token_dim, diffusion_width=diffusion_width, diffusion_depth=diffusion_depth,
-                           clip_denoised=clip_denoised, target_position=target_position)
+                           clip_denoised=clip_denoised, target_position=target_position, init=init)
         self.grid_size = grid_size
         self.num_classes = num_classes
         self.transformer = Transformer(vocab_size, num_classes, grid_size, n_layer, n_embd, n_head,
-                                       target_position=target_position, token_dim=token_dim)
+                                       target_position=target_position, token_dim=token_dim, init=init)
         if head == 'global':
-            self.head = GlobalHead(grid_size, head_depth, n_embd, n_head)
+            self.head = GlobalHead(grid_size, head_depth, n_embd, n_head, init)
         elif head == 'local':
-            self.head = LocalHead(grid_size, window, head_depth, n_embd, n_head)
+            self.head = LocalHead(grid_size, window, head_depth, n_embd, n_head, init)
         else:
             assert head == 'linear', head
             self.head = None
@@ -374,7 +374,7 @@ class Heptapod(nn.Module):
             self.token_head = DiffusionLoss(token_dim, n_embd, diffusion_width, diffusion_depth,
                                             clip_denoised=clip_denoised)
         else:
-            self.token_head = LinearClassifier(n_embd, vocab_size)
+            self.token_head = LinearClassifier(n_embd, vocab_size, init)
 
     def forward(self, idx, labels, orders, prefix_lens, generator=None, patch_size=1):
         """idx: (B, N) token ids or (B, N, D) vectors in raster order; labels: (B,); orders: (B, N) the

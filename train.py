@@ -348,7 +348,7 @@ def main(args):
                   clip_denoised=meta.get('clip_denoised', False),
                   num_classes=meta['num_classes'], grid_size=meta['grid_size'], head=args.head,
                   head_depth=args.head_depth, window=args.window if args.head == 'local' else None,
-                  target_position=args.target_position, **size)
+                  target_position=args.target_position, init=args.init, **size)
     if not config['token_dim']:  # discrete tokens: no diffusion MLP
         config.update(diffusion_width=None, diffusion_depth=None)
     model = Heptapod(**config).to(device)
@@ -547,6 +547,9 @@ def get_parser():
     parser.add_argument('--order', default='random', choices=['random', 'raster', 'rar'],
                         help='generation order; rar: random annealed to raster (RAR, with --head linear)')
     parser.add_argument('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
+    parser.add_argument('--init', default='mar', choices=['mar', 'gpt2'],
+                        help="weights: MAR's (xavier linears, N(0, 0.02) embeddings) or nanoGPT's (N(0, 0.02) for all, "
+                             "scaled residual projections: too small for the CPU sizes)")
     parser.add_argument('--target_position', default=None, choices=['shifted', 'added'],
                         help="how a 1D model (--head linear) is told its target: shifted, the paper's Fig. 4 middle "
                              "(default), or added, RAR's target-aware embedding (default with --order rar)")
