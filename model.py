@@ -188,6 +188,27 @@ class Transformer(nn.Module):
         return self.run(self.embed(self.tok_emb(idx), pos), target_pos, input_pos=input_pos)
 
 
+def load_weights(model, state, path, what):
+    """Load the state dict `state`, read from the file `path`, into `model` strictly, or stop in one `error:` line
+    naming the file, `what` it holds (e.g. "its 'ema' weights") and the first missing, unexpected, wrongly shaped
+    or non-finite entries. Used for train.py's checkpoints and for the released tokenizers alike."""
+    own, state = model.state_dict(), state if isinstance(state, dict) else {}
+    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    some = lambda keys, kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa
+    problems = [some(keys, kind) for kind, keys in [
+        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
+        ('wrongly shaped', [f"{k}: {shape(v)} in the file, {shape(own[k])} in the model" for k, v in state.items()
+                            if k in own and shape(v) != shape(own[k])])] if keys]
+    if problems:
+        raise SystemExit(f"error: {path}: {what} do not fit the model: {'; '.join(problems)}")
+    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
+    if bad:
+        raise SystemExit(f"error: {path}: {what} hold NaN or inf in {some(bad, 'of their tensors')}: the run that "
+                         f"wrote them diverged; use an earlier checkpoint (out_dir/ckpt_STEP.pt)")
+    model.load_state_dict(state)
+    return model
+
+
 def make_orders(batch_size, N, order, generator, rar_prob=1.0):
     """The generation order of each sample, (B, N) grid positions: raster, uniformly random (Heptapod's
     2D-random and the 1D-random baseline), or 'rar': random with probability rar_prob, raster otherwise,

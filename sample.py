@@ -31,7 +31,7 @@ from PIL import Image
 
 import torch.nn.functional as F
 from heads import GaussianDiffusion, Heptapod, linear_flops, take
-from model import make_orders
+from model import load_weights, make_orders
 from tokenizers import HelpFormatter, VQTokenizer, center_crop_arr, make_tokenizer, to_rgb
 
 # dense bf16 peak of one GPU in TFLOP/s, from the vendors' data sheets; the first name found in the device's wins
@@ -201,26 +201,6 @@ def load_checkpoint(path, device='cpu'):
     if missing:
         raise SystemExit(f"error: {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
     return ckpt
-
-
-def load_weights(model, state, path, what='model'):
-    """Load the state dict `state` (entry `what` of the file `path`) into `model` strictly, or stop in one `error:`
-    line that names the file and the first missing, unexpected, wrongly shaped or non-finite entries."""
-    own, state = model.state_dict(), state if isinstance(state, dict) else {}
-    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
-    some = lambda keys, kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa
-    problems = [some(keys, kind) for kind, keys in [
-        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
-        ('wrongly shaped', [f"{k}: {shape(v)} in the file, {shape(own[k])} in the model" for k, v in state.items()
-                            if k in own and shape(v) != shape(own[k])])] if keys]
-    if problems:
-        raise SystemExit(f"error: {path}: its '{what}' weights do not fit the model: {'; '.join(problems)}")
-    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
-    if bad:
-        raise SystemExit(f"error: {path}: its '{what}' weights hold NaN or inf in {some(bad, 'of their tensors')}: "
-                         f"the run diverged before this checkpoint; use an earlier out_dir/ckpt_STEP.pt")
-    model.load_state_dict(state)
-    return model
 
 
 def check_args(args, ckpt):
@@ -437,7 +417,8 @@ def main(args):
     ckpt = load_checkpoint(args.ckpt, device)
     check_args(args, ckpt)
     what = 'ema' if args.ema else 'model'
-    model = load_weights(Heptapod(**ckpt['config']).to(device).eval(), ckpt[what], args.ckpt, what)
+    model = Heptapod(**ckpt['config']).to(device).eval()
+    load_weights(model, ckpt[what], args.ckpt, f"its '{what}' weights")
     if model.config['token_dim']:
         model.token_head.sample_diffusion = GaussianDiffusion(args.diffusion_steps).to(device)
     if args.compile:  # the per-step work: the head over the grid and the cached decoding step

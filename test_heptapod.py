@@ -28,7 +28,7 @@ import sample
 import tokenizers
 import train
 from heads import Heptapod, sample_prefix_lens, take
-from model import SIZES, Transformer, make_orders
+from model import SIZES, Transformer, load_weights, make_orders
 from sample import generate
 
 G = 8  # model-level tests use an 8x8 grid: every property holds, at a quarter of the steps
@@ -405,9 +405,9 @@ def test_load_weights_names_the_file_and_the_first_unfit_or_non_finite_entries()
                             rf"1 wrongly shaped \({key}: \(3, 3\) in the file, \(11, 32\) in the model\)"),
                            (dict(good, **{key: good[key] / 0}), rf"NaN or inf in 1 of their tensors \({key}\)")]:
         with pytest.raises(SystemExit, match=rf"^error: x.pt: its 'ema' weights .*{message}") as e:
-            sample.load_weights(tiny_model(), state, 'x.pt', 'ema')
+            load_weights(tiny_model(), state, 'x.pt', "its 'ema' weights")
         assert '\n' not in str(e.value)
-    model = sample.load_weights(tiny_model(), {k: v + 1 for k, v in good.items()}, 'x.pt', 'ema')
+    model = load_weights(tiny_model(), {k: v + 1 for k, v in good.items()}, 'x.pt', "its 'ema' weights")
     assert torch.equal(model.state_dict()[key], good[key] + 1)
 
 
@@ -2112,6 +2112,12 @@ def snapshot(root):
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
 
 
+def nan_in_the_run_checkpoint(ws):
+    ckpt = torch.load(ws / 'run' / 'ckpt.pt', weights_only=True)
+    ckpt['model']['transformer.pos_emb.weight'][0, 0] = float('nan')
+    torch.save(ckpt, ws / 'run' / 'ckpt.pt')
+
+
 def random_bytes_for_every_checkpoint(ws):
     for p in (ws / 'run').glob('ckpt*.pt'):
         p.unlink()
@@ -2267,6 +2273,8 @@ BAD_INPUTS = [
      'head global (the flags give linear)'),
     ('train', '--resume --max_steps 3 --out_dir {ws}/run', random_bytes_for_every_checkpoint,
      'none of the checkpoints'),
+    ('train', '--resume --depth 1 --head_depth 1 --max_steps 3 --out_dir {ws}/run', nan_in_the_run_checkpoint,
+     "its 'model' weights hold NaN or inf"),
     ('train', '--out_dir {ws}/run/ckpt.pt', None, 'cannot write there'),
     ('train', '--out_dir /proc/heptapod_out', None, 'cannot write there'),
     ('train', '--data {ws}/cache --tokenizer pixel_patch --out_dir {ws}/new', None, 'drop --tokenizer pixel_patch'),

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from collections import OrderedDict
 from PIL import Image
 
+from model import load_weights
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of every script: the module docstring's usage lines as written, and each flag's default (where it
     has one; fid.py, which imports nothing of ours, has its own copy)."""
@@ -348,15 +351,7 @@ def load_tokenizer(name, path, device='cpu'):
     sd = read_state_dict(path, expected)
     if name == 'vq':
         sd.pop('quantize.codebook_used', None)  # LlamaGen's training-only usage counter (last 65536 codes chosen)
-    model = cls()
-    want = model.state_dict()
-    missing, unexpected = sorted(want.keys() - sd.keys()), sorted(sd.keys() - want.keys())
-    wrong = sorted(k for k in want.keys() & sd.keys() if not torch.is_tensor(sd[k]) or sd[k].shape != want[k].shape)
-    problems = [f"{len(k)} {what} ({', '.join(k[:3])}{', ...' if len(k) > 3 else ''})"
-                for what, k in (('missing', missing), ('unexpected', unexpected), ('wrongly shaped', wrong)) if k]
-    if problems:
-        raise SystemExit(f"error: {path}: expected {expected}; keys {'; '.join(problems)}")
-    model.load_state_dict(sd)  # strict: the key sets were just checked to be equal
+    model = load_weights(cls(), sd, path, f"expected {expected}; its weights")
     return model.to(device).eval().requires_grad_(False)
 
 

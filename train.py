@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
 from heads import Heptapod, sample_prefix_lens
-from model import SIZES, make_orders
+from model import SIZES, load_weights, make_orders
 from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
 from tokenizers import TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
 
@@ -394,8 +394,8 @@ def main(args):
         if ckpt['step'] > args.max_steps:
             raise SystemExit(f"error: --resume: {ckpt_path} is at step {ckpt['step']}, past the {args.max_steps} "
                              f"steps of --max_steps/--epochs; give a longer run (or another --out_dir)")
-        model.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
+        load_weights(model, ckpt['model'], ckpt_path, "its 'model' weights")
+        load_weights(ema, ckpt['ema'], ckpt_path, "its 'ema' weights")
         optimizer.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
         if master:
