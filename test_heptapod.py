@@ -441,6 +441,17 @@ def test_every_shapes_image_is_its_own_mirror(size):
     assert torch.equal(images, images.flip(2))
 
 
+def test_every_pairs_image_draws_its_class_in_both_halves_in_one_colour():
+    images, labels = tokenizers.make_shapes(200, seed=0, pairs=True)
+    for image, label in zip(images, labels):
+        lit = image.any(-1)  # (16, 16) the shape's pixels
+        assert lit[:, :8].any() and lit[:, 8:].any() and len(torch.unique(image[lit], dim=0)) == 1
+        if tokenizers.SHAPE_CLASSES[label] not in ('h_stripes', 'v_stripes'):  # the stripes fill the image
+            assert not lit[:, 7:9].all(0).any()  # two shapes, no column lit from top to bottom between them
+    again, _ = tokenizers.make_shapes(200, seed=0, pairs=True)
+    assert torch.equal(images, again)  # deterministic in the seed
+
+
 def make_image_folder(root, per_class=3):
     for c in ('cats', 'dogs'):
         os.makedirs(root / c)

@@ -455,21 +455,29 @@ def shape_masks(kind, cx, cy, r, size):
     raise ValueError(kind)
 
 
-def make_shapes(num_images, size=16, seed=0, jitter=0.0):
-    """The built-in dataset: (images (M, size, size, 3) uint8, labels (M,) int64), deterministic in `seed`.
-    Each image is one shape of its class at a random place and scale, in one of 10 colours on black;
-    stripes cover the whole image."""
+BUILT_IN = ('shapes', 'pairs')  # --data names of the datasets make_shapes draws
+
+
+def make_shapes(num_images, size=16, seed=0, pairs=False):
+    """The built-in datasets: (images (M, size, size, 3) uint8, labels (M,) int64), deterministic in `seed`.
+    'shapes': one shape of the class, centred, at a random scale, in one of 10 colours on black. 'pairs'
+    (pairs=True), harder: two shapes of the class side by side, each at its own random height and scale, in one
+    colour, so that the two halves of an image must agree. Stripes cover the whole image in both."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_images) % len(SHAPE_CLASSES)
-    cx = size * (0.5 + jitter * (torch.rand(num_images, generator=g) - 0.5))  # centre within the middle `jitter`
-    cy = size * (0.5 + jitter * (torch.rand(num_images, generator=g) - 0.5))
-    r = size * (0.25 + 0.15 * torch.rand(num_images, generator=g))  # radius 25%..40% of the image
+    u = torch.rand(3, 2 if pairs else 1, num_images, generator=g)  # (3, copies, M) uniform draws
+    if pairs:  # in the left and the right half, the centre's height and the radius free
+        cx = size * (torch.tensor([[0.25], [0.75]]) + 0.1 * (u[0] - 0.5))  # (2, M)
+        cy, r = size * (0.5 + 0.4 * (u[1] - 0.5)), size * (0.14 + 0.08 * u[2])  # radius 14%..22%
+    else:
+        cx = cy = torch.full_like(u[0], size / 2)  # (1, M) centred
+        r = size * (0.25 + 0.15 * u[2])  # radius 25%..40% of the image
     fg = torch.randint(len(COLOURS), (num_images,), generator=g)
     images = torch.empty(num_images, size, size, 3, dtype=torch.uint8)
     for k, kind in enumerate(SHAPE_CLASSES):
         i = (labels == k).nonzero()[:, 0]
-        mask = shape_masks(kind, cx[i], cy[i], r[i], size)  # (m, size, size)
-        images[i] = torch.where(mask[..., None], COLOURS[fg[i]][:, None, None], 0)  # on black
+        mask = torch.stack([shape_masks(kind, x[i], y[i], z[i], size) for x, y, z in zip(cx, cy, r)]).any(0)
+        images[i] = torch.where(mask[..., None], COLOURS[fg[i]][:, None, None], 0)  # (m, size, size, 3) on black
     perm = torch.randperm(num_images, generator=g)  # interleave classes
     return images[perm], labels[perm]
 
@@ -771,18 +779,18 @@ def read_meta(path):
 
 def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
     """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
-    and its mirror, of the built-in data ('shapes', tokenized here), of random tokens of the paper's shapes
-    ('random', for --bench and --dry_run) or of a cache directory."""
+    and its mirror, of the built-in data ('shapes', or the harder 'pairs', drawn and tokenized here), of random
+    tokens of the paper's shapes ('random', for --bench and --dry_run) or of a cache directory."""
     if data == 'random':
         tokens = RandomTokens(tokenizer)
         return tokens, np.arange(len(tokens)) % tokens.num_classes, tokens.meta
-    if data == 'shapes':  # drawn at the size that gives a 16x16 token grid
+    if data in BUILT_IN:  # drawn at the size that gives a 16x16 token grid
         if tokenizer not in ('pixel', 'pixel_patch'):
-            raise SystemExit(f"error: --data shapes are drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "
+            raise SystemExit(f"error: --data {data} is drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "
                              f"cache an ImageFolder: python tokenizers.py cache --tokenizer {tokenizer} --ckpt ...")
         tok = TOKENIZERS[tokenizer]()
         image_size = 16 * DOWNSAMPLING[tokenizer]
-        images, labels = make_shapes(num_images, size=image_size, seed=seed)
+        images, labels = make_shapes(num_images, size=image_size, seed=seed, pairs=data == 'pairs')
         tokens = encode_with_mirror(tok, images)  # (M, 2, h, w[, D])
         meta = dict(tokenizer=tokenizer, image_size=image_size, grid_size=16, num_classes=len(SHAPE_CLASSES),
                     classes=SHAPE_CLASSES, **token_meta(tok))

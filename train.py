@@ -35,7 +35,7 @@ import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, load_weights, make_orders
 from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
-from tokenizers import TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
+from tokenizers import BUILT_IN, TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
 
 
 def print0(*a, **kw):
@@ -190,8 +190,8 @@ def small_image_metric(args, tokens, labels, meta, tokenizer):
         x = np.asarray(tok[rows])[:, 0]
         x = torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
         return tokenizer.decode(TOKENIZERS[meta['tokenizer']].from_cache(x, torch.Generator().manual_seed(0)))
-    if args.data == 'shapes':
-        ref_tokens, ref_labels, _ = load_dataset('shapes', args.tokenizer, num_images=2000, seed=args.seed + 1)
+    if args.data in BUILT_IN:
+        ref_tokens, ref_labels, _ = load_dataset(args.data, args.tokenizer, num_images=2000, seed=args.seed + 1)
         train_rows, ref_rows = np.arange(min(len(labels), 10000)), np.arange(2000)
     else:
         rows = np.arange(min(len(labels), 12000))
@@ -561,8 +561,9 @@ def get_parser():
     parser.add_argument('--npp_lambda', type=float, default=0.5, help='NPP: segment scheduling factor lambda')
     # data
     parser.add_argument('--data', default='shapes',
-                        help="'shapes' (built-in), a cache dir from tokenizers.py, or 'random': random tokens of the "
-                             "paper's shapes (ImageNet 16x16 tokens, 1000 classes) for --bench and --dry_run")
+                        help="built-in: 'shapes', or 'pairs' (harder: two shapes of the class that must agree); a "
+                             "cache dir from tokenizers.py; or 'random': random tokens of the paper's shapes (ImageNet "
+                             "16x16 tokens, 1000 classes) for --bench and --dry_run")
     parser.add_argument('--tokenizer', default=None, choices=list(TOKENIZERS),
                         help="how the built-in data is tokenized (default: pixel); a cache's tokens are its own")
     parser.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
