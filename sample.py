@@ -100,9 +100,9 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
     """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order (1D models
     must sample in it; a 2D model predicts every position, so it may sample in any); position_order None follows
     it, random being the paper's, and 'confidence' fills the most likely positions first. num_steps < N places
-    several tokens per step (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1 guides with a
-    'no class' copy (off by default): logit mixing for discrete tokens, the noise prediction with MAR's linear
-    schedule for continuous ones. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and
+    several tokens per step (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1
+    guides with a 'no class' copy (off by default): logit mixing for discrete tokens, the noise prediction with
+    MAR's linear schedule for continuous ones. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and
     returned unchanged (zero-shot inpainting / outpainting). use_cache=False recomputes the causal
     Transformer over the whole prefix at every step (the reference path)."""
     B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']

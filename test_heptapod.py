@@ -1485,7 +1485,8 @@ def test_compiled_training_takes_the_steps_of_eager_training(tmp_path):
     # compiled graph (a lost mask, a stale cache) moves the loss by far more than the 1e-4 allowed here
     eager = run_train(tmp_path / 'eager', '--max_steps', '3')
     compiled = run_train(tmp_path / 'compiled', '--max_steps', '3', '--compile')
-    losses = [[json.loads(line)['loss'] for line in open(tmp_path / run / 'log.jsonl')] for run in ('eager', 'compiled')]
+    losses = [[json.loads(line)['loss'] for line in open(tmp_path / run / 'log.jsonl')]
+              for run in ('eager', 'compiled')]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
     for name, p in eager['model'].items():  # the checkpoint holds the uncompiled module's names
         torch.testing.assert_close(compiled['model'][name], p, rtol=1e-4, atol=1e-6, msg=name)
@@ -1583,7 +1584,8 @@ def test_gpu_compiled_training_and_sampling(tmp_path, capsys):
     flags = ['--size', 'small', '--batch_size', '16', '--max_steps', '5', '--log_interval', '1', '--num_samples', '0']
     for compiled in ('--no-compile', '--compile'):
         train.main(train.get_parser().parse_args(flags + [compiled, '--out_dir', str(tmp_path / compiled)]))
-    losses = [[json.loads(line)['loss'] for line in open(tmp_path / c / 'log.jsonl')] for c in ('--no-compile', '--compile')]
+    losses = [[json.loads(line)['loss'] for line in open(tmp_path / c / 'log.jsonl')]
+              for c in ('--no-compile', '--compile')]
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)  # bf16: ~3 significant digits
     capsys.readouterr()
     sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / '--compile' / 'ckpt.pt'), '--compile',

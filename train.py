@@ -114,8 +114,8 @@ def micro_generator(seed, step, micro, device):
 # flags whose value must be at least a bound (0 where 0 means 'none' or 'off'), checked before anything is built
 AT_LEAST = dict(batch_size=1, global_batch_size=1, max_steps=1, epochs=1e-9, warmup_steps=0, warmup_epochs=0,
                 lr=1e-12, weight_decay=0, grad_clip=1e-12, depth=1, head_depth=1, window=1, num_samples=0,
-                temperature=1e-12, eval_every=0, eval_images=1, eval_batch_size=1, log_interval=1, ckpt_interval=1, keep_last=1,
-                bench_warmup=0, bench_steps=1, npp_levels=1, npp_lambda=1e-12)
+                temperature=1e-12, eval_every=0, eval_images=1, eval_batch_size=1, log_interval=1, ckpt_interval=1,
+                keep_last=1, bench_warmup=0, bench_steps=1, npp_levels=1, npp_lambda=1e-12)
 
 
 def check_args(args, meta, world_size):
