@@ -444,7 +444,7 @@ def test_every_shapes_image_is_its_own_mirror(size):
 def test_every_pairs_image_draws_its_class_in_both_halves_in_one_colour():
     images, labels = tokenizers.make_shapes(200, seed=0, pairs=True)
     for image, label in zip(images, labels):
-        lit = image.any(-1)  # (16, 16) the shape's pixels
+        lit = (image > 0).any(-1)  # (16, 16) the shape's pixels
         assert lit[:, :8].any() and lit[:, 8:].any() and len(torch.unique(image[lit], dim=0)) == 1
         if tokenizers.SHAPE_CLASSES[label] not in ('h_stripes', 'v_stripes'):  # the stripes fill the image
             assert not lit[:, 7:9].all(0).any()  # two shapes, no column lit from top to bottom between them
@@ -1489,7 +1489,11 @@ def test_compiled_training_takes_the_steps_of_eager_training(tmp_path):
               for run in ('eager', 'compiled')]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
     for name, p in eager['model'].items():  # the checkpoint holds the uncompiled module's names
-        torch.testing.assert_close(compiled['model'][name], p, rtol=1e-4, atol=1e-6, msg=name)
+        q = compiled['model'][name]
+        if name.endswith('qkv.bias'):  # the key bias adds one constant to a row of scores, which softmax ignores:
+            # its gradient is rounding noise that Adam scales up to steps as large as the value, so skip it
+            p, q = p.view(3, -1)[0::2], q.view(3, -1)[0::2]
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compiled_sampling_decodes_in_parallel_by_confidence_and_benches(tmp_path, capsys):
