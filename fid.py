@@ -14,6 +14,10 @@ SAMPLES is an .npz with arr_0 (uint8 images (N, H, W, 3), as sample.py writes) o
 one size. Both are read batch by batch, so memory holds the float32 features (20 KB per image), not the
 images (9.8 GB for 50,000 of 256x256). The weights are pytorch-fid's port of the TF graph,
 pt_inception-2015-12-05-6726825d.pth, read from where pytorch-fid downloads it (--inception to point elsewhere).
+
+SmallImageMetric: for images too small for an Inception (the built-in shapes, pixel-patch 32x32), a Frechet
+distance in a PCA space of real pixels with its real-vs-real floor, and a nearest-neighbour classifier's accuracy
+(train.py --eval_every without --fid_ref).
 """
 import argparse
 import math
@@ -692,7 +696,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help: the usage lines of the docstring as written, and each flag's default (where it has one)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def get_parser():

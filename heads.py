@@ -339,6 +339,12 @@ def take(x, index):
     return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.size(-1)))
 
 
+def saved_config(config):
+    """A checkpoint's model config, completed for checkpoints saved before a key existed: a 1D model was then told
+    its target by RAR's added embedding, and every model began from nanoGPT's initialisation."""
+    return dict(target_position='added' if config['head'] == 'linear' else None, init='gpt2') | config
+
+
 class Heptapod(nn.Module):
     """Causal Transformer (model.py) + prediction head + token head. The constructor's arguments are
     saved in every checkpoint as `config`, so sample.py rebuilds the model without flags.

@@ -2,8 +2,8 @@
 The causal Transformer of Heptapod (Sec. 4.2, Table 3 of the paper).
 
 The sequence is [class, x_1, ..., x_{N-1}]: a class token, then the image tokens in generation order.
-Each token is embedded with the learnable embedding of *its own* 2D grid position (never the next one:
-the model is not told where the next token will be, Fig. 4 right). Attention is causal, so h_t, the
+In the 2D model each token is embedded with the learnable embedding of *its own* 2D grid position (never
+the next one: the model is not told where the next token will be, Fig. 4 right). Attention is causal, so h_t, the
 output after the class and t tokens, has seen exactly the prefix of length t. A prediction head
 (heads.py) turns these states into a distribution over the positions not yet seen.
 
@@ -128,7 +128,8 @@ def init_weights(module, init='mar', n_layer=1):
 
 
 class Transformer(nn.Module):
-    """The causal backbone: class token + (token, own 2D position) inputs -> hidden states h."""
+    """The causal backbone: class token + (token, 2D position) inputs -> hidden states h. The position is the
+    token's own, or for the 1D baselines its target's ('shifted') or both ('added')."""
 
     def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, target_position=None,
                  token_dim=0, init='mar'):
@@ -188,10 +189,12 @@ class Transformer(nn.Module):
         return self.run(self.embed(self.tok_emb(idx), pos), target_pos, input_pos=input_pos)
 
 
-def load_weights(model, state, path, what):
+def load_weights(model, state, path, what, damaged="the run that wrote them diverged; use an earlier checkpoint "
+                 "(out_dir/ckpt_STEP.pt)"):
     """Load the state dict `state`, read from the file `path`, into `model` strictly, or stop in one `error:` line
     naming the file, `what` it holds (e.g. "its 'ema' weights") and the first missing, unexpected, wrongly shaped
-    or non-finite entries. Used for train.py's checkpoints and for the released tokenizers alike."""
+    or non-finite entries (then `damaged` says what to do). Used for train.py's checkpoints and for the released
+    tokenizers alike."""
     own, state = model.state_dict(), state if isinstance(state, dict) else {}
     shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
     some = lambda keys, kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa
@@ -203,8 +206,7 @@ def load_weights(model, state, path, what):
         raise SystemExit(f"error: {path}: {what} do not fit the model: {'; '.join(problems)}")
     bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
     if bad:
-        raise SystemExit(f"error: {path}: {what} hold NaN or inf in {some(bad, 'of their tensors')}: the run that "
-                         f"wrote them diverged; use an earlier checkpoint (out_dir/ckpt_STEP.pt)")
+        raise SystemExit(f"error: {path}: {what} hold NaN or inf in {some(bad, 'of their tensors')}: {damaged}")
     model.load_state_dict(state)
     return model
 

@@ -27,10 +27,10 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 
-import torch.nn.functional as F
-from heads import GaussianDiffusion, Heptapod, linear_flops, take
+from heads import GaussianDiffusion, Heptapod, linear_flops, saved_config, take
 from model import load_weights, make_orders
 from tokenizers import HelpFormatter, VQTokenizer, center_crop_arr, make_tokenizer, to_rgb
 
@@ -47,9 +47,7 @@ def peak_flops(device, default_tflops=None):
 
 def step_schedule(n, num_steps):
     """Tokens placed at each of num_steps steps, summing to n: MAR's cosine schedule, which leaves
-    floor(n cos(pi/2 (s+1)/S)) tokens after step s, with at least one token per step."""
-    if not 1 <= num_steps <= n:
-        raise SystemExit(f"error: --num_steps {num_steps} must be in [1, {n}] (the positions to generate)")
+    floor(n cos(pi/2 (s+1)/S)) tokens after step s, with at least one token per step (1 <= num_steps <= n)."""
     sizes, left = [], n
     for s in range(num_steps):
         after = math.floor(n * math.cos(math.pi / 2 * (s + 1) / num_steps))
@@ -67,7 +65,10 @@ def sampling_errors(config, order, num_steps=None, position_order=None, keep=Non
     position_order = position_order or training_order
     left = N - (0 if keep is None else int(keep[0].sum()))  # the positions to generate
     errors = []
-    if head != 'global' and (num_steps or left) < left:
+    if num_steps is not None and not 1 <= num_steps <= left:
+        errors.append(f"--num_steps {num_steps} must be in [1, {left}] (the positions to generate"
+                      f"{'' if keep is None else ' that --keep_mask leaves'})")
+    elif head != 'global' and (num_steps or left) < left:
         errors.append(f"the {'1D' if head == 'linear' else 'local-head'} model predicts one next position per "
                       f"step: use --num_steps {left} (the default)")
     if position_order == 'confidence' and (head != 'global' or config['token_dim']):
@@ -200,12 +201,13 @@ def load_checkpoint(path, device='cpu'):
     missing = {'config', 'model', 'ema', 'args', 'data_meta'} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise SystemExit(f"error: {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
+    ckpt['config'] = saved_config(ckpt['config'])
     return ckpt
 
 
 def check_args(args, ckpt):
     """Flags that cannot work with this checkpoint fail here, in one line, before anything is built or written."""
-    config, V, classes = ckpt['config'], ckpt['config']['vocab_size'], ckpt['config']['num_classes']
+    V, classes = ckpt['config']['vocab_size'], ckpt['config']['num_classes']
     checks = [  # (what is wrong, the message)
         (args.num_images < 1, f"--num_images {args.num_images} must be >= 1"),
         (args.batch_size < 1, f"--batch_size {args.batch_size} must be >= 1"),
@@ -214,8 +216,6 @@ def check_args(args, ckpt):
          f"--class_label {args.class_label} must be in [0, {classes - 1}] (the model's classes)"),
         (args.top_k is not None and not 1 <= args.top_k <= V, f"--top_k {args.top_k} must be in [1, {V}] (the "
          f"vocabulary)" if V else "--top_k applies to discrete tokens; this model's tokens are continuous"),
-        (args.num_steps is not None and not 1 <= args.num_steps <= config['grid_size'] ** 2,
-         f"--num_steps {args.num_steps} must be in [1, {config['grid_size'] ** 2}] (the grid's positions)"),
         (not 1 <= args.diffusion_steps <= 1000,  # respaced from the 1000 trained steps (heads.GaussianDiffusion)
          f"--diffusion_steps {args.diffusion_steps} must be in [1, 1000] (MAR: 100)"),
         (args.cfg != 1.0 and not ckpt['args'].get('class_dropout'),
@@ -236,8 +236,6 @@ def load_prefix(args, meta, tokenizer, grid_size, device):
     if left == 0:
         raise SystemExit(f"error: --keep_mask {args.keep_mask} is white everywhere, so it keeps every token and "
                          f"leaves none to generate (black marks the positions to generate)")
-    if (args.num_steps or 1) > left:
-        raise SystemExit(f"error: --num_steps {args.num_steps} is more than the {left} positions --keep_mask leaves")
     tokens = image_tokens(args.prefix_image, '--prefix_image', meta, tokenizer, args.seed, device)
     return tokens, torch.from_numpy(mask).flatten()[None].to(device)
 
@@ -304,8 +302,8 @@ def heatmap(values, grid_size, marked, cell=12):
 
 def write_figures(args, out, model, meta, tokenizer, device):
     """Fig. 3 for --figures IMAGE: OUT/similarity.png, the cosine similarity of three reference tokens (the paper's
-    87th, 138th and 203rd of 16x16, at the same places on other grids) to every token of the image, and
-    OUT/attention.png, the last-layer attention from each reference token to the tokens read before it."""
+    87th, 138th and 203rd of 16x16, as indices from 0, at the same places on other grids) to every token of the
+    image, and OUT/attention.png, the last-layer attention from each reference token to the tokens read before it."""
     g, N = model.grid_size, model.grid_size ** 2
     refs = [(p // 16 * g // 16) * g + p % 16 * g // 16 for p in (87, 138, 203)]  # (row, column) scaled to the grid
     tokens = image_tokens(args.figures, '--figures', meta, tokenizer, args.seed, device)
@@ -323,8 +321,11 @@ def write_figures(args, out, model, meta, tokenizer, device):
 
 def file_hash(path):
     """The first 16 hex digits of the file's sha256: what identifies a checkpoint, whatever its name or date."""
+    h = hashlib.sha256()
     with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()[:16]
+        while chunk := f.read(1 << 24):  # 16 MB at a time: a checkpoint of H is gigabytes
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def class_labels(args, num_classes):
@@ -338,17 +339,18 @@ def class_labels(args, num_classes):
     return torch.randint(num_classes, (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
 
 
-def prepare_out(args, root, npz, meta, rank):
+def prepare_out(args, root, npz, meta, device_type, rank):
     """Let --out continue only samples of the same weights and flags: root/settings.json (the flags that change
     images, hashes of the files read) must equal this run's, else refuse in one line, or with --overwrite delete
     the other run's batches, images and .npz. Every rank checks; rank 0 writes."""
     # not --num_images: seeds and labels follow the batch index (a shorter last batch is sampled again when the
-    # run grows); not --device, --compile or the number of processes
+    # run grows); not --compile or the number of processes; but bf16 and the device's random streams do change them
     flags = ('ema', 'batch_size', 'labels', 'class_label', 'seed', 'temperature', 'top_k', 'cfg', 'num_steps',
-             'position_order', 'diffusion_steps')
+             'position_order', 'diffusion_steps', 'amp')
     files = dict(ckpt=args.ckpt, tokenizer_ckpt=args.tokenizer_ckpt or meta.get('ckpt'),
                  prefix_image=args.prefix_image, keep_mask=args.keep_mask)
     settings = {k: getattr(args, k) for k in flags} | {f'{k} sha256': p and file_hash(p) for k, p in files.items()}
+    settings['device'] = device_type
     record, old = os.path.join(root, 'settings.json'), None
     if os.path.isfile(record):
         with open(record) as f:
@@ -412,8 +414,8 @@ def bench(args, sample_batch, model, num_classes, device):
 def main(args):
     ddp, rank, world_size, device = init_distributed(args.device)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    amp = device_type == 'cuda' if args.amp is None else args.amp
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp)
+    args.amp = device_type == 'cuda' if args.amp is None else args.amp
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp)
     ckpt = load_checkpoint(args.ckpt, device)
     check_args(args, ckpt)
     what = 'ema' if args.ema else 'model'
@@ -449,7 +451,7 @@ def main(args):
 
     labels = class_labels(args, meta['num_classes'])
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
-    prepare_out(args, root, npz, meta, rank)
+    prepare_out(args, root, npz, meta, device_type, rank)
     if ddp:
         dist.barrier()  # rank 0 has emptied (--overwrite) and made the directory
     batches = range(math.ceil(args.num_images / args.batch_size))

@@ -274,12 +274,14 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
         run_train(tmp_path / 'b', *flags)
     monkeypatch.setattr(train, 'get_batch', real_get_batch)
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
+    with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:
+        f.write('{"step": 5, "lo')  # a line cut short by the kill
     resumed = run_train(tmp_path / 'b', *flags, '--resume')
     assert resumed['step'] == straight['step'] == 6
     for key in ('model', 'ema'):
         for name, p in straight[key].items():
             torch.testing.assert_close(resumed[key][name], p, atol=0, rtol=0, msg=f"{key}.{name}")
-    # step 4 was logged before the kill and again after the resume: the log keeps it once
+    # step 4 was logged before the kill and again after the resume: the log keeps it once, and no cut line
     assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3, 4, 5, 6]
 
 
@@ -523,6 +525,17 @@ def test_resume_with_other_model_flags_fails_clearly(tmp_path):
         run_train(tmp_path, '--max_steps', '2', '--resume', '--head', 'linear')
 
 
+def test_checkpoints_saved_before_target_position_and_init_were_recorded_still_load(tmp_path):
+    # such a 1D model was told its target by RAR's added embedding and began from nanoGPT's initialisation
+    ckpt = run_train(tmp_path, '--max_steps', '1', '--head', 'linear', '--target_position', 'added', '--init', 'gpt2')
+    saved = dict(ckpt['config'])
+    del ckpt['config']['target_position'], ckpt['config']['init']
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    assert sample.load_checkpoint(str(tmp_path / 'ckpt.pt'))['config'] == saved
+    flags = ['--head', 'linear', '--target_position', 'added', '--init', 'gpt2']
+    assert run_train(tmp_path, '--max_steps', '2', '--resume', *flags)['step'] == 2
+
+
 def test_wrong_checkpoint_file_fails_clearly(tmp_path):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'garbage')
@@ -539,7 +552,10 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(SystemExit, match='no such directory'):
         tokenizers.list_image_folder(str(tmp_path / 'missing'))
     os.makedirs(tmp_path / 'data' / 'empty_class')
-    with pytest.raises(SystemExit, match="class folder 'empty_class' is empty"):
+    with pytest.raises(SystemExit, match="class folder 'empty_class' has no image files"):
+        tokenizers.list_image_folder(str(tmp_path / 'data'))
+    (tmp_path / 'data' / 'empty_class' / '.DS_Store').write_bytes(b'\0')  # a file, but no image
+    with pytest.raises(SystemExit, match="class folder 'empty_class' has no image files"):
         tokenizers.list_image_folder(str(tmp_path / 'data'))
 
 
@@ -1371,6 +1387,9 @@ def test_raster_models_only_continue_a_raster_prefix():
     scattered[0, [5, 30]] = True
     with pytest.raises(ValueError, match='can only continue a raster prefix'):
         generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, scattered))
+    with pytest.raises(ValueError, match=re.escape(f'--num_steps {N} must be in [1, {N - 2 * G}]')):  # for callers
+        generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), num_steps=N,
+                 prefix=(given, top_rows))
 
 
 def test_prefix_image_and_mask_files_drive_the_cli(tmp_path):
@@ -2069,6 +2088,17 @@ def test_small_image_metric_scores_a_trained_model_better_than_an_untrained_one(
     assert trained['fd'] < untrained['fd'] / 3 and trained['class_acc'] > untrained['class_acc']
 
 
+def test_small_image_metric_of_a_class_sorted_cache_sees_every_class(tmp_path):
+    # a cache is written class by class: the first 12,000 rows of 15,000 would miss the last two classes
+    images, labels = tokenizers.make_shapes(15000, size=G, seed=0)
+    labels, rows = labels.sort(stable=True)
+    tok = tokenizers.PixelTokenizer()
+    tokens = tok.encode(images[rows]).numpy()[:, None].repeat(2, 1)  # (15000, 2, G, G) each image and its mirror
+    args = train.get_parser().parse_args(['--data', str(tmp_path)])
+    metric = train.small_image_metric(args, tokens, labels.numpy(), dict(tokenizer='pixel', grid_size=G), tok)
+    assert set(metric.train_labels) == set(range(10)) and metric.class_acc_real > 0.6
+
+
 def stand_in_features(model, images, *args, **kwargs):
     """Features of fid.features' shapes from 8x8 thumbnails and a fixed projection: the plumbing of the online
     evaluation is tested without running the Inception 4 times (the network has tests of its own)."""
@@ -2295,6 +2325,9 @@ BAD_INPUTS = [
     ('train', '--out_dir {ws}/run/ckpt.pt', None, 'cannot write there'),
     ('train', '--out_dir /proc/heptapod_out', None, 'cannot write there'),
     ('train', '--data {ws}/cache --tokenizer pixel_patch --out_dir {ws}/new', None, 'drop --tokenizer pixel_patch'),
+    ('train', '--target_position added --out_dir {ws}/new', None, '--target_position applies to the 1D models'),
+    ('train', '--data random --tokenizer vq --eval_every 5 --out_dir {ws}/new', None,
+     '--eval_every on 256x256 images needs --fid_ref'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --image_size 32', None, 'image_size 16 -> 32'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --tokenizer pixel_patch --image_size 32', None,
      'tokenizer pixel -> pixel_patch'),
@@ -2335,7 +2368,7 @@ BAD_INPUTS = [
     ('sample', NEW + ' --num_steps 0', None, '--num_steps 0'),
     ('sample', NEW + ' --num_steps 257', None, '[1, 256]'),
     ('sample', PREFIX, a_white_keep_mask, 'white everywhere'),
-    ('sample', PREFIX + ' --num_steps 200', prefix_files, 'the 128 positions'),
+    ('sample', PREFIX + ' --num_steps 200', prefix_files, '[1, 128] (the positions to generate that --keep_mask'),
     ('sample', PREFIX, an_unreadable_prefix_image, 'image.png'),
     ('sample', PREFIX, a_truncated_keep_mask, 'mask.png'),
     ('sample', PREFIX + ' --position_order raster', prefix_files, 'can only continue a raster prefix'),

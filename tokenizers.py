@@ -5,8 +5,9 @@ Tokenizers, the built-in dataset, and the dataset cache that training memory-map
   each 2x2x3 patch is one continuous 12-d token. Neither needs weights: both train on a CPU.
 - vq: LlamaGen's VQ-16 (16384 codes), vae: MAR's KL-16 VAE (16 channels), the paper's tokenizers (Sec. 5.1),
   written to load the released files (vq_ds16_c2i.pt, kl16.ckpt) as they are.
-- make_shapes: a built-in, procedurally drawn dataset (10 classes of coloured shapes, 16x16 tokens)
-  with real class structure, so a class-conditional model has something to learn without a download.
+- make_shapes: the built-in, procedurally drawn data (10 classes of coloured shapes, 16x16 tokens; 'pairs':
+  two shapes of the class side by side) with real class structure, so a class-conditional model has something
+  to learn without a download; RandomTokens: random tokens of the paper's shapes, for --bench and --dry_run.
 - cache: an ImageFolder (DIR/<class>/<image>) is read with Pillow, centre-cropped the ADM way and tokenized
   once, each image with its mirror, into shards that train.py memory-maps.
 
@@ -38,7 +39,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     has one; fid.py, which imports nothing of ours, has its own copy)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 # -----------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def load_tokenizer(name, path, device='cpu'):
     sd = read_state_dict(path, expected)
     if name == 'vq':
         sd.pop('quantize.codebook_used', None)  # LlamaGen's training-only usage counter (last 65536 codes chosen)
-    model = load_weights(cls(), sd, path, f"expected {expected}; its weights")
+    model = load_weights(cls(), sd, path, f"expected {expected}; its weights", "the file is damaged; download it again")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -525,12 +526,12 @@ def list_image_folder(root):
     paths, labels = [], []
     for k, c in enumerate(classes):
         files = sorted(f.path for f in os.scandir(os.path.join(root, c)) if f.is_file())
-        if not files:
-            raise SystemExit(f"error: --data {root}: class folder '{c}' is empty")
         for p in files:
             if not p.lower().endswith(IMAGE_EXTENSIONS):
                 print(f"skipping {p}: not an image file extension", file=sys.stderr)
         files = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise SystemExit(f"error: --data {root}: class folder '{c}' has no image files")
         paths += files
         labels += [k] * len(files)
     return paths, labels, classes
@@ -626,7 +627,8 @@ def cache(args):
     """Tokenize an ImageFolder into CACHE/meta.json and shards of (images, 2, h, w[, D]) tokens, each image
     and its horizontal flip (MAR caches both; training picks one at random), and their labels.
     Under torchrun, rank r encodes shards r, r + world, ...; a shard is written to a temporary file and
-    renamed, so a killed run continues where it stopped and a finished shard is never rewritten."""
+    renamed, so a killed run continues where it stopped; a finished shard is rewritten only if unreadable (or
+    with --rebuild, which starts afresh)."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
     check_cache_args(args)

@@ -32,10 +32,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from heads import Heptapod, sample_prefix_lens
+from heads import Heptapod, saved_config, sample_prefix_lens
 from model import SIZES, load_weights, make_orders
 from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
-from tokenizers import BUILT_IN, TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
+from tokenizers import BUILT_IN, DOWNSAMPLING, TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
 
 
 def print0(*a, **kw):
@@ -137,6 +137,9 @@ def check_args(args, meta, world_size):
         errors.append(f"--head global predicts the whole grid (window {N}); use --head local for --window {args.window}")
     if args.head == 'linear' and args.window != N:
         errors.append("--window applies to the 2D heads; --head linear predicts one token")
+    if args.head != 'linear' and args.target_position:
+        errors.append(f"--target_position applies to the 1D models (--head linear); the 2D ones are never told "
+                      f"their next position")
     if args.order == 'rar' and args.head != 'linear':
         errors.append("--order rar trains a 1D model (RAR): use it with --head linear")
     if args.npp_levels > 1 and (args.head != 'linear' or args.order != 'raster' or meta.get('token_dim')):
@@ -162,6 +165,10 @@ def check_args(args, meta, world_size):
     if args.global_batch_size > meta['num_images']:
         errors.append(f"--global_batch_size {args.global_batch_size} is more than the {meta['num_images']} images "
                       f"of --data")
+    size = meta['grid_size'] * DOWNSAMPLING[meta['tokenizer']]
+    if args.eval_every and not args.fid_ref and size > 64:
+        errors.append(f"--eval_every on {size}x{size} images needs --fid_ref: the small-image metric works on the "
+                      f"pixels of images up to 64x64")
     if args.eval_every and args.eval_images < max(10 if args.fid_ref else 2, world_size):
         errors.append(f"--eval_images {args.eval_images}: at least {10 if args.fid_ref else 2} (the IS splits, "
                       f"a covariance) and one per process")
@@ -184,18 +191,22 @@ def dry_run(model, args):
 
 def small_image_metric(args, tokens, labels, meta, tokenizer):
     """fid.SmallImageMetric of the training data, as the tokenizer decodes it: fit on up to 10,000 of its images
-    and compared with held-out ones, fresh shapes of another seed, or every 10th image of a cache (which training
-    reads too: 'held out' from the metric's fit only)."""
+    and compared with held-out ones, fresh shapes of another seed, or every 10th of 12,000 random images of a cache
+    (a cache is sorted by class; training reads these too: 'held out' from the metric's fit only)."""
     def images(tok, rows):  # the decoded images of cache rows, not their mirrors
-        x = np.asarray(tok[rows])[:, 0]
-        x = torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
-        return tokenizer.decode(TOKENIZERS[meta['tokenizer']].from_cache(x, torch.Generator().manual_seed(0)))
+        out = []
+        for part in np.array_split(rows, math.ceil(len(rows) / (args.eval_batch_size or args.batch_size))):
+            x = np.asarray(tok[part])[:, 0]
+            x = torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
+            out.append(tokenizer.decode(TOKENIZERS[meta['tokenizer']].from_cache(x, torch.Generator().manual_seed(0))))
+        return torch.cat(out)
     if args.data in BUILT_IN:
         ref_tokens, ref_labels, _ = load_dataset(args.data, args.tokenizer, num_images=2000, seed=args.seed + 1)
         train_rows, ref_rows = np.arange(min(len(labels), 10000)), np.arange(2000)
     else:
-        rows = np.arange(min(len(labels), 12000))
-        train_rows, ref_rows, ref_tokens, ref_labels = rows[rows % 10 > 0], rows[rows % 10 == 0], tokens, labels
+        rows = np.sort(torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:12000].numpy())
+        i = np.arange(len(rows))
+        train_rows, ref_rows, ref_tokens, ref_labels = rows[i % 10 > 0], rows[i % 10 == 0], tokens, labels
     return fid.SmallImageMetric(images(tokens, train_rows), labels[train_rows], images(ref_tokens, ref_rows),
                                 ref_labels[ref_rows])
 
@@ -294,10 +305,16 @@ def newest_checkpoint(out_dir, device):
 
 
 def drop_log_lines_after(path, step):
-    """A resumed run logs the steps after its checkpoint again: drop the lines of those steps from log.jsonl."""
+    """A resumed run logs the steps after its checkpoint again: drop the lines of those steps from log.jsonl, and
+    a last line cut short when the run was killed or the disk filled up."""
+    def kept(line):
+        try:
+            return json.loads(line)['step'] <= step
+        except ValueError:  # a line cut short
+            return False
     if os.path.isfile(path):
         with open(path) as f:
-            lines = [line for line in f if json.loads(line)['step'] <= step]
+            lines = [line for line in f if kept(line)]
         with open(path + '.tmp', 'w') as f:
             f.writelines(lines)
         os.replace(path + '.tmp', path)
@@ -325,9 +342,9 @@ def main(args):
     # the global batch (paper: 2048) = micro-batch x processes x accumulation steps; lr is for the global batch
     if args.global_batch_size is None:
         args.global_batch_size = args.batch_size * world_size
+    check_args(args, meta, world_size)
     # how a 1D model is told its target: the paper's shifted positions (Fig. 4 middle), RAR's own for --order rar
     args.target_position = args.target_position or ('added' if args.order == 'rar' else 'shifted')
-    check_args(args, meta, world_size)
     accum = args.global_batch_size // (args.batch_size * world_size)
     steps_per_epoch = len(labels) // args.global_batch_size
     if args.epochs:  # the paper counts epochs (Sec. 5.1: 800); steps follow from the data and batch size
@@ -387,6 +404,7 @@ def main(args):
         missing = {'model', 'ema', 'optimizer', 'step', 'config'} - set(ckpt if isinstance(ckpt, dict) else ())
         if missing:
             raise SystemExit(f"error: --resume: {ckpt_path} is not a train.py checkpoint (no {', '.join(missing)})")
+        ckpt['config'] = saved_config(ckpt['config'])
         if ckpt['config'] != config:
             diff = sorted(k for k in config.keys() | ckpt['config'].keys() if config.get(k) != ckpt['config'].get(k))
             raise SystemExit(f"error: --resume: {ckpt_path} holds another model: " + ", ".join(
@@ -499,7 +517,7 @@ def main(args):
             B = len(y)
             flip = torch.randint(2, (B,), generator=gen, device=device) * args.flip  # the image or its mirror (MAR)
             idx = TOKENIZERS[args.tokenizer].from_cache(x[torch.arange(B, device=device), flip], gen)
-            if args.class_dropout > 0:  # train the 'no class' token for CFG (Fig. 1 comparison; off in the paper)
+            if args.class_dropout > 0:  # train the 'no class' token for CFG (our comparison run; off in the paper)
                 drop = torch.rand(B, generator=gen, device=device) < args.class_dropout
                 y = torch.where(drop, raw_model.num_classes, y)
             orders = make_orders(B, N, args.order, gen, rar_prob(step, args))  # (B, N)
@@ -596,7 +614,8 @@ def get_parser():
     parser.add_argument('--fid_ref', default=None,
                         help="reference batch .npz (fid.py's layout) or image set; none: the small-image metric")
     parser.add_argument('--eval_images', type=int, default=5000, help='samples per evaluation (the paper: 50000)')
-    parser.add_argument('--eval_batch_size', type=int, default=None, help='images per sampling batch (default: --batch_size)')
+    parser.add_argument('--eval_batch_size', type=int, default=None,
+                        help='images per sampling batch (default: --batch_size)')
     parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
     parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
     # system
