@@ -548,6 +548,14 @@ def test_wrong_checkpoint_file_fails_clearly(tmp_path):
         sample.load_checkpoint(str(tmp_path / 'missing.pt'))
 
 
+def test_rebuild_is_refused_under_torchrun_where_rank_0_would_delete_the_shards_of_others(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / 'images')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match='--rebuild under torchrun: delete'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--rebuild'))
+    assert not (tmp_path / 'cache').exists()
+
+
 def test_image_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(SystemExit, match='no such directory'):
         tokenizers.list_image_folder(str(tmp_path / 'missing'))

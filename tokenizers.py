@@ -595,6 +595,8 @@ def check_cache_args(args):
         errors.append("--batch_size and --shard_size must be at least 1, --workers at least 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         errors.append(f"--out {args.out} is a file, not a directory")
+    if args.rebuild and int(os.environ.get('WORLD_SIZE', 1)) > 1:  # rank 0 would delete what the others write
+        errors.append(f"--rebuild under torchrun: delete {args.out} yourself and run again without --rebuild")
     data, out = os.path.abspath(args.data), os.path.abspath(args.out)
     if out != data and os.path.commonpath([data, out]) == data:  # the cache would be read as a class folder
         errors.append(f"--out {args.out} is inside --data; put it next to the images, e.g. --out {data}_cache")
@@ -604,7 +606,7 @@ def check_cache_args(args):
 
 def start_cache(out, meta, rebuild, rank):
     """Begin a cache in `out`, or continue one that the same arguments and files began (same meta.json); refuse
-    any other in one line. --rebuild deletes it first (rank 0; every rank then encodes its shards afresh)."""
+    any other in one line. --rebuild deletes it first (one process only: check_cache_args)."""
     ours = [f for f in os.listdir(out) if CACHE_FILE.fullmatch(f.removesuffix('.tmp'))] if os.path.isdir(out) else []
     if not rebuild and any(not f.endswith('.tmp') for f in ours):
         old = read_meta(out) or {}
