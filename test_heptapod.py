@@ -41,6 +41,24 @@ def tiny_model(head='global', **kw):
     return Heptapod(**dict(TINY, head=head, head_depth=2, **kw)).eval()
 
 
+@pytest.mark.parametrize('init', ['mar', 'gpt2'])
+def test_initialisation_follows_mar_or_nanogpt(init):
+    # mar: xavier-uniform linears (std sqrt(2 / (fan_in + fan_out))), N(0, 0.02) tables and mask token;
+    # gpt2: N(0, 0.02) everywhere, residual projections / sqrt(2 n_layer). Both: zero biases, LayerNorms at 1
+    torch.manual_seed(0)
+    model = Heptapod(**dict(TINY, head='global', head_depth=2, n_embd=256, n_head=4, init=init))
+    linears = {f'{n}.weight' for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, p in model.named_parameters():
+        if name.endswith('bias'):
+            assert not p.any(), name
+        elif p.dim() == 1:  # LayerNorm weights
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif p.numel() > 1000:  # a std estimate good to a few percent
+            want = (math.sqrt(2 / sum(p.shape)) if init == 'mar' and name in linears else
+                    0.02 / math.sqrt(2 * 2) if init == 'gpt2' and name.endswith('proj.weight') else 0.02)
+            assert abs(p.std().item() / want - 1) < 0.1, (name, p.std().item(), want)
+
+
 def fixed_batch(B=8, seed=0):
     images, labels = tokenizers.make_shapes(B, size=G, seed=seed)
     return tokenizers.PixelTokenizer().encode(images).flatten(1), labels
