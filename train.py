@@ -547,7 +547,7 @@ def main(args):
         images = decode(tokenizer, out, meta['grid_size'])
         save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
         print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
-               f"wrote {args.out_dir}/samples.png and {ckpt_path}")
+               f"wrote {args.out_dir}/samples.png and {args.out_dir}/ckpt.pt (= {os.path.basename(ckpt_path)})")
     if ddp:
         dist.destroy_process_group()
 
