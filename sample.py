@@ -304,7 +304,7 @@ def write_figures(args, out, model, meta, tokenizer, device):
     """Fig. 3 for --figures IMAGE: OUT/similarity.png, the cosine similarity of three reference tokens (the paper's
     87th, 138th and 203rd of 16x16, as indices from 0, at the same places on other grids) to every token of the
     image, and OUT/attention.png, the last-layer attention from each reference token to the tokens read before it."""
-    g, N = model.grid_size, model.grid_size ** 2
+    g = model.grid_size
     refs = [(p // 16 * g // 16) * g + p % 16 * g // 16 for p in (87, 138, 203)]  # (row, column) scaled to the grid
     tokens = image_tokens(args.figures, '--figures', meta, tokenizer, args.seed, device)
     vectors = F.normalize(token_vectors(tokenizer, tokens, g), dim=-1)  # (N, D)

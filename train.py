@@ -138,8 +138,8 @@ def check_args(args, meta, world_size):
     if args.head == 'linear' and args.window != N:
         errors.append("--window applies to the 2D heads; --head linear predicts one token")
     if args.head != 'linear' and args.target_position:
-        errors.append(f"--target_position applies to the 1D models (--head linear); the 2D ones are never told "
-                      f"their next position")
+        errors.append("--target_position applies to the 1D models (--head linear); the 2D ones are never told "
+                      "their next position")
     if args.order == 'rar' and args.head != 'linear':
         errors.append("--order rar trains a 1D model (RAR): use it with --head linear")
     if args.npp_levels > 1 and (args.head != 'linear' or args.order != 'raster' or meta.get('token_dim')):
