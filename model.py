@@ -3,9 +3,9 @@ The causal Transformer of Heptapod (Sec. 4.2, Table 3 of the paper).
 
 The sequence is [class, x_1, ..., x_{N-1}]: a class token, then the image tokens in generation order.
 In the 2D model each token is embedded with the learnable embedding of *its own* 2D grid position (never
-the next one: the model is not told where the next token will be, Fig. 4 right). Attention is causal, so h_t, the
-output after the class and t tokens, has seen exactly the prefix of length t. A prediction head
-(heads.py) turns these states into a distribution over the positions not yet seen.
+the next one: the model is not told where the next token will be, Fig. 4 right). Attention is causal, so h_t,
+the output after the class and t tokens, has seen exactly the prefix of length t. A prediction head (heads.py)
+turns these states into a distribution over the positions not yet seen.
 
 The 1D baselines of Table 1 (one next token, `--head linear`) are told the target, in one of two ways:
 'shifted', the paper's vanilla image AR model (Fig. 4 middle), embeds each input with the position of the

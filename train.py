@@ -100,10 +100,16 @@ def get_batch(tokens, labels, step, args, rank, accum):
     epoch, i = divmod(step, len(labels) // G)
     part = epoch_permutation(len(labels), args.seed, epoch)[i * G:(i + 1) * G]
     rows = part[rank * accum * args.batch_size:(rank + 1) * accum * args.batch_size]
-    order = np.argsort(rows)  # read the memory map in order, then restore the permutation's order
-    x = np.asarray(tokens[rows[order]])[np.argsort(order)]  # (accum*B, 2, H, W) or (accum*B, 2, H, W, D)
-    x = x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32)
-    return torch.from_numpy(x).flatten(2, 3), torch.from_numpy(labels[rows].astype(np.int64))
+    x = read_rows(tokens, rows)  # (accum*B, 2, H, W) or (accum*B, 2, H, W, D)
+    return x.flatten(2, 3), torch.from_numpy(labels[rows].astype(np.int64))
+
+
+def read_rows(tokens, rows):
+    """The cache's `rows` as a tensor, ids as int64 and vectors as float32: the memory map is read in order,
+    then the rows are put back in the order asked for."""
+    order = np.argsort(rows)
+    x = np.asarray(tokens[rows[order]])[np.argsort(order)]
+    return torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
 
 
 def micro_generator(seed, step, micro, device):
@@ -193,13 +199,12 @@ def small_image_metric(args, tokens, labels, meta, tokenizer):
     """fid.SmallImageMetric of the training data, as the tokenizer decodes it: fit on up to 10,000 of its images
     and compared with held-out ones, fresh shapes of another seed, or every 10th of 12,000 random images of a cache
     (a cache is sorted by class; training reads these too: 'held out' from the metric's fit only)."""
-    def images(tok, rows):  # the decoded images of cache rows, not their mirrors
-        out = []
-        for part in np.array_split(rows, math.ceil(len(rows) / (args.eval_batch_size or args.batch_size))):
-            x = np.asarray(tok[part])[:, 0]
-            x = torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
-            out.append(tokenizer.decode(TOKENIZERS[meta['tokenizer']].from_cache(x, torch.Generator().manual_seed(0))))
-        return torch.cat(out)
+    from_cache = TOKENIZERS[meta['tokenizer']].from_cache
+
+    def images(tok, rows):  # the decoded images of cache rows, not their mirrors, a batch at a time
+        parts = np.array_split(rows, math.ceil(len(rows) / (args.eval_batch_size or args.batch_size)))
+        return torch.cat([tokenizer.decode(from_cache(read_rows(tok, part)[:, 0], torch.Generator().manual_seed(0)))
+                          for part in parts])
     if args.data in BUILT_IN:
         ref_tokens, ref_labels, _ = load_dataset(args.data, args.tokenizer, num_images=2000, seed=args.seed + 1)
         train_rows, ref_rows = np.arange(min(len(labels), 10000)), np.arange(2000)
