@@ -22,7 +22,6 @@ distance in a PCA space of real pixels with its real-vs-real floor, and a neares
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 import zipfile
@@ -36,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
+
+from tokenizers import HelpFormatter, load_weights, one_line, peak_memory, read_torch, write_atomic
 
 # pytorch-fid's port of the TF weights; torch-fidelity's weights-inception-2015-12-05-6726825d.pth holds the same tensors
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
@@ -199,30 +200,14 @@ class FIDInception(nn.Module):
 def load_inception(path=DEFAULT_WEIGHTS, device='cpu'):
     """The FID Inception with the published weights, checked strictly, in eval mode."""
     path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no FID Inception weights at {path}; download {WEIGHTS_FILE} from {WEIGHTS_URL} "
-                         f"(pytorch-fid's release) and pass --inception PATH")
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path}: not a PyTorch file that loads with weights_only=True ({type(e).__name__})")
-    if not isinstance(state, dict):
-        raise SystemExit(f"error: {path} holds a {type(state).__name__}, not a state dict of the FID Inception")
+    state = read_torch(path, 'PyTorch file', f"; the FID Inception weights: download {WEIGHTS_FILE} from "
+                                             f"{WEIGHTS_URL} (pytorch-fid's release) and pass --inception PATH")
     model = FIDInception()
-    own = model.state_dict()
     # pytorch-fid's file was saved from torchvision's model and holds BatchNorm's num_batches_tracked counters;
-    # torch-fidelity's converted file (same tensors) has none. They count training steps only, so we take ours
-    # where they are missing and check every other key strictly.
-    state = {**{k: v for k, v in own.items() if k.endswith('num_batches_tracked')}, **state}
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise SystemExit(f"error: {path} is not the FID Inception-v3 ({WEIGHTS_FILE}): "
-                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # wrong shapes; torch's message spans many lines
-        raise SystemExit(f"error: {path} is not the FID Inception-v3: {' '.join(str(e).split())[:300]}")
-    return model.to(device).eval().requires_grad_(False)
+    # torch-fidelity's converted file (same tensors) has none. They count training steps only: ours fill the gaps
+    own = {k: v for k, v in model.state_dict().items() if k.endswith('num_batches_tracked')}
+    return load_weights(model, own | state if isinstance(state, dict) else state, path,
+                        f"its weights (expected {WEIGHTS_FILE})", "download it again").to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # Preprocessing and features
@@ -461,10 +446,6 @@ class SmallImageMetric:
 # Image sets and reference batches
 
 
-def one_line(e):
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-
-
 def check_images(dtype, shape, where):
     if dtype not in (np.uint8, torch.uint8) or len(shape) != 4 or shape[-1] != 3:
         raise SystemExit(f"error: {where}: {dtype} array of shape {tuple(shape)}; expected uint8 images "
@@ -621,23 +602,17 @@ def load_reference(path, model, batch_size=64, device='cpu', resize='tf1', log=N
 
 def save_reference(path, s, images, batch_size=64):
     """Statistics s and the images (for precision/recall) as a reference batch in np.savez's layout (a zip of
-    stored .npy members), the images copied batch by batch, through a temporary file."""
-    try:
-        with zipfile.ZipFile(path + '.tmp', 'w', allowZip64=True) as zf:
+    stored .npy members), the images copied batch by batch, written whole or not at all."""
+    def write(f):
+        with zipfile.ZipFile(f, 'w', allowZip64=True) as zf:
             for k, v in s.items():
-                with zf.open(k + '.npy', 'w') as f:
-                    np.lib.format.write_array(f, v)
-            with zf.open('arr_0.npy', 'w', force_zip64=True) as f:  # zip64: 10,000 256x256 images pass 4 GB
-                np.lib.format.write_array_header_1_0(f, dict(descr='|u1', fortran_order=False, shape=images.shape))
+                with zf.open(k + '.npy', 'w') as member:
+                    np.lib.format.write_array(member, v)
+            with zf.open('arr_0.npy', 'w', force_zip64=True) as member:  # zip64: 10,000 256x256 images pass 4 GB
+                np.lib.format.write_array_header_1_0(member, dict(descr='|u1', fortran_order=False, shape=images.shape))
                 for i in range(0, len(images), batch_size):
-                    f.write(images[i:i + batch_size].tobytes())
-        os.replace(path + '.tmp', path)
-    except BaseException as e:  # nothing half-written stays behind; a full disk is one line, not a traceback
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
-        if isinstance(e, OSError):
-            raise SystemExit(f"error: {path}: not written ({one_line(e)})")
-        raise
+                    member.write(images[i:i + batch_size].tobytes())
+    write_atomic(path, write)
 
 # -----------------------------------------------------------------------------
 # Speed, and the command line
@@ -656,8 +631,7 @@ def bench(args, device):
     while n == 0 or time.time() - t0 < BENCH_SECONDS:  # features() ends on a copy to the host: all is timed
         features(model, images, args.bench, device, args.resize)
         n += 1
-    peak = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB on the GPU" if device.startswith('cuda')
-            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB (process RSS)")  # Linux: KiB
+    peak = peak_memory(device)
     print(f"bench: {n * args.bench / (time.time() - t0):.1f} images/s at batch {args.bench} on {device} (--resize "
           f"{args.resize}), {'weights ' + path if os.path.isfile(path) else 'random weights: no ' + path}; "
           f"peak memory {peak}")
@@ -675,6 +649,8 @@ def main(args):
     out_dir = os.path.dirname(args.save_stats or '.') or '.'
     if args.save_stats and (os.path.isdir(args.save_stats) or not os.path.isdir(out_dir)):
         raise SystemExit(f"error: --save_stats {args.save_stats}: not a file name in an existing folder")
+    if args.save_stats and os.path.exists(args.save_stats):
+        raise SystemExit(f"error: --save_stats {args.save_stats} exists; delete it first, or choose another name")
     images = load_images(args.samples)  # checked before anything is computed: errors come first
     check_count(len(images), args.samples)
     if args.ref and args.is_splits == 'torch_fidelity' and len(images) < IS_SPLITS_TORCH_FIDELITY:
@@ -690,13 +666,6 @@ def main(args):
     if ref is not None:
         for k, v in metrics(feats, *ref, device=device, is_splits=args.is_splits).items():
             print(f"{METRIC_NAMES[k]} {v:.4f}")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the usage lines of the docstring as written, and each flag's default (where it has one)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def get_parser():

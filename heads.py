@@ -1,5 +1,6 @@
 """
-The prediction heads of Heptapod (Sec. 4.3, Fig. 5) and the whole model.
+The prediction heads of Heptapod (Sec. 4.3, Fig. 5), the token heads, and `Heptapod`, the whole model: the causal
+Transformer of model.py + a prediction head + a token head. Training is train.py, sampling sample.py.
 
 Next 2D distribution prediction: after each causal step t the head predicts the distribution of the
 tokens at the positions not yet seen, from the causal states h_0..h_t (h_0 is the class state).
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, Transformer, init_weights, run_block
+from model import Block, KVCache, Transformer, init_weights, run_block
 
 
 class GlobalHead(nn.Module):
@@ -66,12 +67,16 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(n_embd, n_embd)
         self.kv = nn.Linear(n_embd, 2 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
+        self.cache = None  # while sampling, the memory's keys and values (LocalHead.setup_cache)
 
-    def forward(self, x, memory, mask):
-        # x: (B, Tq, C) queries; memory: (B, Tk, C); mask: (B, 1, Tq, Tk) bool, True where a query may look
+    def keys_values(self, memory):
+        B, T, C = memory.shape
+        return self.kv(memory).view(B, T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, T, hd)
+
+    def forward(self, x, k, v, mask):
+        # x: (B, Tq, C) queries; k, v: (B, nh, Tk, hd); mask: (B, 1, Tq, Tk) bool, True where a query may look
         B, Tq, C = x.shape
         q = self.q(x).view(B, Tq, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tq, hd)
-        k, v = self.kv(memory).view(B, -1, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, Tk, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, Tq, C))  # (B, Tq, C)
 
@@ -98,6 +103,11 @@ class LocalHead(nn.Module):
         self.register_buffer('chunk_pos', chunk_of.argsort(stable=True).view(-1, window), persistent=False)
         init_weights(self, init, n_layer)
 
+    def memory(self, h, pos):
+        """The states h (B, T, C), each plus the embedding of the grid position pos (B, T') of the token it has just
+        read, as the global head places them; the first T - T' (the class state h_0) have none."""
+        return h + F.pad(self.pos_emb[0, pos], (0, 0, h.size(1) - pos.size(1), 0))
+
     def forward(self, h, orders, prefix_lens):
         """As GlobalHead.forward, but for the w positions of the chunk that holds the next position
         orders[:, t]: returns z (B*n, w, C), positions (B*n, w), seen (B*n, w)."""
@@ -106,15 +116,35 @@ class LocalHead(nn.Module):
         positions = self.chunk_pos[self.chunk_of[orders.gather(1, prefix_lens)]]  # (B, n, w)
         rank = orders.argsort(dim=1)  # (B, N)
         seen = rank.gather(1, positions.flatten(1)).view(B, n, w) < prefix_lens[..., None]  # (B, n, w)
-        # memory: h_0..h_{N-1}, each token's state with the embedding of its own position (as the global head)
-        memory = h + F.pad(self.pos_emb[0, orders[:, :-1]], (0, 0, 1, 0))  # (B, N, C)
+        if self.cross[0].cache is None:  # the memory h_0..h_{N-1}, projected here; while sampling, in the cache
+            memory = self.memory(h, orders[:, :-1])  # (B, N, C)
+            kv = [cross.keys_values(memory) for cross in self.cross]
+        else:
+            kv = [(cross.cache.k, cross.cache.v) for cross in self.cross]
         mask = torch.arange(N, device=h.device) <= prefix_lens[..., None]  # (B, n, N) h_0..h_t of each prefix
         mask = mask[:, :, None].expand(B, n, w, N).reshape(B, 1, n * w, N)  # (B, 1, n*w, N)
         x = (self.query + self.pos_emb[0, positions]).view(B, n * w, C)  # (B, n*w, C) all prefixes of a sample
-        for ln, cross, block in zip(self.ln_cross, self.cross, self.blocks):
-            x = x + cross(ln(x), memory, mask)  # the n*w queries of a sample share one memory projection
+        for ln, cross, (k, v), block in zip(self.ln_cross, self.cross, kv, self.blocks):
+            x = x + cross(ln(x), k, v, mask)  # the n*w queries of a sample share one memory projection
             x = run_block(block, x.view(B * n, w, C), False).view(B, n * w, C)  # bidirectional, chunk by chunk
         return self.ln_f(x).view(B * n, w, C), positions.view(B * n, w), seen.view(B * n, w)
+
+    # --- sampling: each memory entry's keys and values projected once, when its state is made (sample.py) ---
+
+    def setup_cache(self, batch_size, max_len):
+        for cross in self.cross:
+            cross.cache = KVCache(batch_size, cross.n_head, max_len, cross.proj.in_features // cross.n_head)
+
+    def clear_cache(self):
+        for cross in self.cross:
+            cross.cache = None
+
+    def extend(self, h, pos, input_pos):
+        """Project the new states h (B, T, C), made after reading the tokens at grid positions pos (B, T') (T' = T - 1
+        for the class state), into the cache as memory entries input_pos (T,)."""
+        memory = self.memory(h, pos)
+        for cross in self.cross:
+            cross.cache.update(input_pos, *cross.keys_values(memory))
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +172,7 @@ class LinearClassifier(nn.Module):
             logits = uncond + cfg * (cond - uncond)
         return logits
 
-    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=None, graphs=None):
         """One token per row of z (B, C), or of its first half with CFG (see logits)."""
         logits = self.logits(z, cfg) / temperature  # (B, V)
         if top_k:
@@ -203,6 +233,23 @@ class DiffusionMLP(nn.Module):
         shift, scale = self.final_ada(y).chunk(2, dim=-1)
         return self.final(self.final_norm(x) * (1 + scale) + shift)  # (M, 2D)
 
+    def denoiser(self, z, timesteps):
+        """forward for sampling: (x, k) -> the output for tokens x (M, D) at timesteps[k], the condition z (M, C)
+        fixed. What no step changes is computed once: the time embedding of every step, z's projection, and the
+        modulations of all blocks come from one matmul per step."""
+        t_emb, cond = self.time_embed(timestep_embedding(timesteps)), self.cond_embed(z)  # (S, W), (M, W)
+        ada = [b.ada[1] for b in self.blocks] + [self.final_ada[1]]
+        weight, bias = torch.cat([m.weight for m in ada]), torch.cat([m.bias for m in ada])  # ((3 depth + 2) W, W)
+
+        def out(x, k):
+            mods = F.linear(F.silu(t_emb[k] + cond), weight, bias).split(cond.size(1), dim=-1)  # shift, scale, gate..
+            x = self.input_proj(x)
+            for b, block in enumerate(self.blocks):
+                shift, scale, gate = mods[3 * b:3 * b + 3]
+                x = torch.addcmul(x, gate, block.mlp(torch.addcmul(shift, block.norm(x), 1 + scale)))
+            return self.final(torch.addcmul(mods[-2], self.final_norm(x), 1 + mods[-1]))  # (M, 2D)
+        return out
+
 
 class GaussianDiffusion(nn.Module):
     """DDPM with the cosine schedule over 1000 steps, epsilon prediction and a learned variance between
@@ -229,6 +276,11 @@ class GaussianDiffusion(nn.Module):
                       posterior_coef_xt=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
         for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
+        # sample()'s per-step constants, as Python numbers: (sqrt(1 - ac), sqrt(ac), the posterior's coefficients,
+        # and logvar = log_var + (v + 1) / 2 (log beta - log_var), as std = exp(f v + e))
+        f = (betas.log() - tables['posterior_log_var']) / 4
+        self.steps = torch.stack([(1 - ac).sqrt(), ac.sqrt(), tables['posterior_coef_x0'],
+                                  tables['posterior_coef_xt'], f, tables['posterior_log_var'] / 2 + f], 1).tolist()
 
     def _at(self, a, i):
         return a[i].float()[:, None]  # (M, 1)
@@ -267,23 +319,25 @@ class GaussianDiffusion(nn.Module):
         vb = torch.where(i == 0, nll.mean(-1), kl.mean(-1)) / math.log(2.0)  # in bits, as IDDPM
         return mse + vb
 
-    @torch.no_grad()
-    def sample(self, net, z, generator, temperature=1.0, cfg=1.0, clip=False):
-        """Ancestral sampling from noise, temperature scaling the noise of each step (MAR). With cfg != 1,
-        z is (2B, C) with the 'no class' rows second; only the noise prediction is guided.
+    def sample(self, denoise, noise, cfg=None, clip=False):
+        """Ancestral sampling (p_mean_logvar, step by step) from x = noise[0] (B, D), noise[S - k] (B, D) entering
+        at step k: the caller scales it by the temperature (MAR). denoise(x, k): the network at timesteps[k]. With
+        cfg (a 0-d tensor), denoise runs on the rows twice, the 'no class' copy second, and only the noise prediction
+        is guided. A fixed function of its tensors, so a CUDA graph can replay it (sample.CUDAGraphs).
         The first respaced step has beta ~ 1 - 2.5e-6, so it multiplies the error of the predicted noise
         by ~630: MAR's networks are exact enough there; small, briefly trained ones need clip=True."""
-        B = len(z) // 2 if cfg != 1.0 else len(z)
-        x = torch.randn(B, net.final.out_features // 2, generator=generator, device=z.device)  # (B, D)
-        for k in reversed(range(len(self.timesteps))):
-            i = torch.full((B,), k, device=z.device)
-            out = net(x.repeat(len(z) // B, 1), self.timesteps[i].repeat(len(z) // B), z).float()
-            eps, v = out[:B].chunk(2, dim=-1)
-            if cfg != 1.0:
-                eps = out[B:, :eps.size(1)] + cfg * (eps - out[B:, :eps.size(1)])
-            mean, logvar = self.p_mean_logvar(eps, v, x, i, clip)
-            noise = torch.randn(x.shape, generator=generator, device=x.device)
-            x = mean + (k > 0) * torch.exp(0.5 * logvar) * noise * temperature
+        x, S = noise[0], len(self.steps)
+        for k in reversed(range(S)):
+            eps, v = denoise(x if cfg is None else torch.cat([x, x]), k).float().chunk(2, dim=-1)
+            if cfg is not None:
+                (eps, uncond), v = eps.chunk(2), v[:len(x)]
+                eps = uncond + cfg * (eps - uncond)
+            sqrt_1m_ac, sqrt_ac, coef_x0, coef_xt, f, e = self.steps[k]
+            x0 = (x - sqrt_1m_ac * eps) / sqrt_ac
+            if clip:
+                x0 = x0.clamp(-1, 1)
+            mean = coef_x0 * x0 + coef_xt * x
+            x = torch.addcmul(mean, (v * f + e).exp(), noise[S - k]) if k > 0 else mean
         return x
 
 
@@ -305,12 +359,12 @@ class DiffusionLoss(nn.Module):
 
     repeats = 4  # each target is noised 4 times per batch (MAR's diffusion_batch_mul in its README)
 
-    def __init__(self, token_dim, n_embd, width, depth, num_sampling_steps=100, clip_denoised=False):
+    def __init__(self, token_dim, n_embd, width, depth, clip_denoised=False):
         super().__init__()
         self.clip_denoised = clip_denoised  # tokens bounded to [-1, 1] (pixels), not VAE latents
         self.net = DiffusionMLP(token_dim, n_embd, width, depth)
         self.train_diffusion = GaussianDiffusion(1000)
-        self.sample_diffusion = GaussianDiffusion(num_sampling_steps)
+        self.respaced = {}  # (sampling steps, device) -> GaussianDiffusion, made at first use
 
     def loss(self, z, targets, generator):
         # z: (M, C) the head's output at the M scored positions; targets: (M, D) their tokens
@@ -319,8 +373,22 @@ class DiffusionLoss(nn.Module):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # a timestep and noise per row
         return self.train_diffusion.loss(self.net, x0, z, i, noise).mean()  # over the scored tokens and repeats
 
-    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None):
-        return self.sample_diffusion.sample(self.net, z, generator, temperature, cfg, self.clip_denoised)
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=100, graphs=None):
+        """One token (B, D) per row of z (B, C), or of its first half with CFG, by `diffusion_steps` respaced steps
+        (MAR: 100). Every noise draw is made up front, so the chain is a fixed function of (z, noise) that `graphs`
+        (sample.CUDAGraphs) may replay."""
+        key = (diffusion_steps, str(z.device))
+        if key not in self.respaced:
+            self.respaced[key] = GaussianDiffusion(diffusion_steps).to(z.device)
+        diffusion, B = self.respaced[key], len(z) // 2 if cfg != 1.0 else len(z)
+        noise = torch.randn(diffusion_steps + 1, B, self.net.final.out_features // 2, generator=generator,
+                            device=z.device)  # (S + 1, B, D): the start, then one per step, in the order drawn
+        noise[1:] *= temperature
+        cfg = None if cfg == 1.0 else torch.full((), cfg, device=z.device)
+
+        def chain(z, noise, cfg):
+            return diffusion.sample(self.net.denoiser(z, diffusion.timesteps), noise, cfg, self.clip_denoised)
+        return chain(z, noise, cfg) if graphs is None else graphs('token head', chain, z, noise, cfg)
 
 
 def linear_flops(module):
@@ -337,12 +405,6 @@ def sample_prefix_lens(batch_size, density, N, generator):
 def take(x, index):
     """x[b, index[b, k]] for tokens x: (B, N) ids or (B, N, D) vectors; index: (B, K)."""
     return x.gather(1, index if x.dim() == 2 else index[..., None].expand(-1, -1, x.size(-1)))
-
-
-def saved_config(config):
-    """A checkpoint's model config, completed for checkpoints saved before a key existed: a 1D model was then told
-    its target by RAR's added embedding, and every model began from nanoGPT's initialisation."""
-    return dict(target_position='added' if config['head'] == 'linear' else None, init='gpt2') | config
 
 
 class Heptapod(nn.Module):
@@ -377,8 +439,7 @@ class Heptapod(nn.Module):
             assert head == 'linear', head
             self.head = None
         if token_dim:
-            self.token_head = DiffusionLoss(token_dim, n_embd, diffusion_width, diffusion_depth,
-                                            clip_denoised=clip_denoised)
+            self.token_head = DiffusionLoss(token_dim, n_embd, diffusion_width, diffusion_depth, clip_denoised)
         else:
             self.token_head = LinearClassifier(n_embd, vocab_size, init)
 
@@ -406,12 +467,12 @@ class Heptapod(nn.Module):
         mean of its token embeddings (Eq. 2), at the position of its patch-grid coordinates (NPP keeps the
         patch's (h, w) for RoPE); each step predicts one distribution, scored against all p^2 codes of the
         next patch (Eq. 3). The sequence is N / p^2 long."""
-        B, G, C = len(idx), self.grid_size, self.config['n_embd']
+        B, G, C, t = len(idx), self.grid_size, self.config['n_embd'], self.transformer
         g = G // p
-        emb = self.transformer.tok_emb(idx).view(B, g, p, g, p, C).mean(dim=(2, 4)).flatten(1, 2)  # (B, g*g, C)
+        emb = t.tok_emb(idx).view(B, g, p, g, p, C).mean(dim=(2, 4)).flatten(1, 2)  # (B, g*g, C)
         pos = (torch.arange(g, device=idx.device)[:, None] * G + torch.arange(g, device=idx.device)).flatten()
-        x = torch.cat([self.transformer.cls_emb(labels)[:, None], self.transformer.embed(emb[:, :-1], pos[:-1])], 1)
-        h = self.transformer.run(x, pos.expand(B, -1), is_causal=True)  # (B, g*g, C), told the next patch
+        x = torch.cat([t.cls_emb(labels)[:, None], emb[:, :-1]], 1)  # (B, g*g, C): class, then patches
+        h = t.run(t.embed(x, pos[:-1].expand(B, -1), pos.expand(B, -1)), is_causal=True)  # told the next patch
         codes = idx.view(B, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(B, g * g, p * p)  # each patch's codes
         logp = self.token_head.linear(h).float().log_softmax(dim=-1)  # (B, g*g, V)
         return -logp.gather(-1, codes).mean()  # Eq. 3: the mean over all N codes

@@ -1,19 +1,12 @@
 """
-The causal Transformer of Heptapod (Sec. 4.2, Table 3 of the paper).
+The causal Transformer of Heptapod (Sec. 4.2, Table 3 of the paper): the first half of the model. The whole
+model, this backbone plus a prediction head and a token head, is `heads.Heptapod`; sampling is sample.py.
 
-The sequence is [class, x_1, ..., x_{N-1}]: a class token, then the image tokens in generation order.
-In the 2D model each token is embedded with the learnable embedding of *its own* 2D grid position (never
-the next one: the model is not told where the next token will be, Fig. 4 right). Attention is causal, so h_t,
-the output after the class and t tokens, has seen exactly the prefix of length t. A prediction head (heads.py)
-turns these states into a distribution over the positions not yet seen.
-
-The 1D baselines of Table 1 (one next token, `--head linear`) are told the target, in one of two ways:
-'shifted', the paper's vanilla image AR model (Fig. 4 middle), embeds each input with the position of the
-token it must predict instead of its own (the position sequence shifted left by one); 'added', RAR's
-target-aware positional embedding (RAR Eq. 4), adds a second table's embedding of the target's position
-to the input's own.
-
-The building blocks (Attention, MLP, Block) are shared with the bidirectional heads in heads.py.
+The sequence is [class, x_1, ..., x_{N-1}]: a class token, then the image tokens in generation order. Each
+token is embedded with the learnable embedding of *its own* 2D grid position, never the next one: the model is
+not told where the next token will be (Fig. 4 right). Attention is causal, so h_t, the output after the class
+and t tokens, has seen exactly the prefix of length t. The 1D baselines of Table 1 (`--head linear`) are the
+one exception, in one labelled branch of `Transformer.embed`: they are told the position of their target.
 """
 import math
 
@@ -34,16 +27,16 @@ SIZES = {
 
 
 class KVCache:
-    """Keys and values of one layer's past tokens, for incremental decoding (after gpt-fast's KVCache). A plain
-    object, not a Module, so it never enters the state dict. Its storage is made at the first update, in the dtype
-    and on the device of the keys it stores: bf16 under autocast, fp32 without, whatever the weights are."""
+    """Keys and values of one attention layer's past tokens, for incremental decoding (after gpt-fast's KVCache).
+    A plain object, so it never enters the state dict. Its storage is made at the first update, in the dtype of
+    the keys it stores: bf16 under autocast, fp32 without, whatever the weights are."""
 
     def __init__(self, batch_size, n_head, max_len, head_dim):
         self.shape = (batch_size, n_head, max_len, head_dim)
         self.k = self.v = None
 
     def update(self, input_pos, k, v):
-        # input_pos: (T,) sequence indices of the new tokens; k, v: (B, n_head, T, head_dim)
+        # input_pos: (T,) sequence indices of the new entries; k, v: (B, n_head, T, head_dim)
         if self.k is None:
             self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)  # (B, n_head, max_len, head_dim)
         self.k[:, :, input_pos] = k
@@ -111,8 +104,8 @@ def init_weights(module, init='mar', n_layer=1):
     """init 'mar': MAR's initialisation (LTH14/mar models/mar.py, after the official JAX ViT), N(0, 0.02) for
     embeddings, position tables and mask tokens and xavier-uniform linears, whose scale follows the width (std 0.026
     for B's qkv, 0.09 at width 64). 'gpt2': nanoGPT's, N(0, 0.02) for every weight and residual projections scaled
-    by 1/sqrt(2 n_layer): too small a scale for the CPU sizes (Frechet distance 4.9 against MAR's 1.6 with the
-    global head on the built-in shapes, README). Both: zero biases, LayerNorms at 1."""
+    by 1/sqrt(2 n_layer): too small a scale for the CPU sizes (README, "Why the 2D model once learned slower").
+    Both: zero biases, LayerNorms at 1."""
     for name, p in module.named_parameters():
         if name.endswith('bias'):
             nn.init.zeros_(p)
@@ -128,14 +121,13 @@ def init_weights(module, init='mar', n_layer=1):
 
 
 class Transformer(nn.Module):
-    """The causal backbone: class token + (token, 2D position) inputs -> hidden states h. The position is the
-    token's own, or for the 1D baselines its target's ('shifted') or both ('added')."""
+    """The causal backbone: class token + (token, own 2D position) inputs -> hidden states h."""
 
     def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, target_position=None,
                  token_dim=0, init='mar'):
         super().__init__()
         assert target_position in (None, 'shifted', 'added'), target_position
-        self.target_position = target_position  # None: the 2D model, never told where the next token goes
+        self.target_position = target_position  # None: the 2D model; the 1D baselines are told their target
         N = grid_size * grid_size
         # discrete tokens are looked up; continuous tokens (token_dim > 0) are linearly projected
         self.tok_emb = nn.Linear(token_dim, n_embd) if token_dim else nn.Embedding(vocab_size, n_embd)
@@ -147,27 +139,29 @@ class Transformer(nn.Module):
         init_weights(self, init, n_layer)
 
     def forward(self, idx, labels, pos, target_pos=None):
-        """Training and reference path. idx: (B, T) token ids or (B, T, D) vectors in generation order;
-        pos: (B, T) their grid positions; labels: (B,); target_pos: (B, T+1) the position each input must predict
-        (1D models only). Returns h: (B, T+1, C), where h[:, t] has seen the class and the first t tokens."""
-        x = torch.cat([self.cls_emb(labels)[:, None], self.embed(self.tok_emb(idx), pos)], dim=1)  # (B, 1+T, C)
-        return self.run(x, target_pos, is_causal=True)
+        """Training and reference path. idx: (B, T) token ids or (B, T, D) vectors in generation order; pos: (B, T)
+        their grid positions; labels: (B,). Returns h: (B, T+1, C), where h[:, t] has seen the class and the first
+        t tokens. target_pos (B, T+1): the position each input must predict, for the 1D baselines only."""
+        x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(idx)], dim=1)  # (B, 1+T, C)
+        return self.run(self.embed(x, pos, target_pos), is_causal=True)
 
-    def embed(self, x, pos):
-        """Token embeddings x (B, T, C) plus that of their own grid position pos (B, T), which the shifted 1D
-        model does not get: its inputs carry their target's position instead (see run)."""
-        return x if self.target_position == 'shifted' else x + self.pos_emb(pos)
+    def embed(self, x, pos, target_pos=None):
+        """Inputs x (B, T', C) plus the embedding of each token's own grid position pos (B, T); when T' = T + 1 the
+        first input is the class token, which has no position (Sec. 4.2)."""
+        own = F.pad(self.pos_emb(pos), (0, 0, x.size(1) - pos.size(1), 0))  # (B, T', C), zero for the class token
+        if self.target_position is None:
+            return x + own  # the 2D model: never told where the next token goes (Fig. 4 right)
+        # --- the 1D baselines of Table 1, told the position target_pos (B, T') of the token each input predicts ---
+        if self.target_position == 'shifted':  # the paper's vanilla AR (Fig. 4 middle): instead of the own position
+            return x + self.pos_emb(target_pos)
+        return x + own + self.target_pos_emb(target_pos)  # RAR's target-aware embedding, a second table (Eq. 4)
 
-    def run(self, x, target_pos, is_causal=False, input_pos=None):
-        if self.target_position == 'shifted':
-            x = x + self.pos_emb(target_pos)  # the target's position, not the input's own (Fig. 4 middle)
-        elif self.target_position == 'added':
-            x = x + self.target_pos_emb(target_pos)  # a second embedding of the target's position (RAR Eq. 4)
+    def run(self, x, is_causal=False, input_pos=None):
         for block in self.blocks:
             x = run_block(block, x, is_causal, input_pos)
         return self.ln_f(x)
 
-    # --- incremental decoding with a KV cache (sample.py) ---
+    # --- incremental decoding with a KV cache (sample.py): prefill the class token, then decode new tokens ---
 
     def setup_cache(self, batch_size, max_len):
         for block in self.blocks:
@@ -181,34 +175,13 @@ class Transformer(nn.Module):
     def prefill(self, labels, target_pos=None):
         """Put the class token into slot 0 of the cache; returns its state h_0: (B, 1, C)."""
         x = self.cls_emb(labels)[:, None]  # (B, 1, C)
-        return self.run(x, target_pos, input_pos=torch.zeros(1, dtype=torch.long, device=x.device))
+        pos = torch.zeros(len(x), 0, dtype=torch.long, device=x.device)  # (B, 0): no token yet
+        return self.run(self.embed(x, pos, target_pos), input_pos=torch.zeros(1, dtype=torch.long, device=x.device))
 
     def decode(self, idx, pos, input_pos, target_pos=None):
-        """Append tokens idx at grid positions pos (B, T') as sequence steps input_pos (T',);
-        returns their states: (B, T', C)."""
-        return self.run(self.embed(self.tok_emb(idx), pos), target_pos, input_pos=input_pos)
-
-
-def load_weights(model, state, path, what, damaged="the run that wrote them diverged; use an earlier checkpoint "
-                 "(out_dir/ckpt_STEP.pt)"):
-    """Load the state dict `state`, read from the file `path`, into `model` strictly, or stop in one `error:` line
-    naming the file, `what` it holds (e.g. "its 'ema' weights") and the first missing, unexpected, wrongly shaped
-    or non-finite entries (then `damaged` says what to do). Used for train.py's checkpoints and for the released
-    tokenizers alike."""
-    own, state = model.state_dict(), state if isinstance(state, dict) else {}
-    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
-    some = lambda keys, kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa
-    problems = [some(keys, kind) for kind, keys in [
-        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
-        ('wrongly shaped', [f"{k}: {shape(v)} in the file, {shape(own[k])} in the model" for k, v in state.items()
-                            if k in own and shape(v) != shape(own[k])])] if keys]
-    if problems:
-        raise SystemExit(f"error: {path}: {what} do not fit the model: {'; '.join(problems)}")
-    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
-    if bad:
-        raise SystemExit(f"error: {path}: {what} hold NaN or inf in {some(bad, 'of their tensors')}: {damaged}")
-    model.load_state_dict(state)
-    return model
+        """Append tokens idx at grid positions pos (B, T') as sequence steps input_pos (T',); returns their states
+        (B, T', C)."""
+        return self.run(self.embed(self.tok_emb(idx), pos, target_pos), input_pos=input_pos)
 
 
 def make_orders(batch_size, N, order, generator, rar_prob=1.0):

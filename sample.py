@@ -1,5 +1,6 @@
 """
-Sample images from a trained Heptapod: the (position, token) loop of Sec. 4.2.
+Sample images from a trained Heptapod: the (position, token) loop of Sec. 4.2 (`generate`), then the command line
+that writes, resumes and distributes it, --bench, and the figures of Fig. 3. The model is heads.Heptapod.
 
 At each step the head predicts the tokens at the positions not yet generated, a position is chosen
 (uniformly at random among them, as the paper), its token is sampled, and the pair is fed back to the
@@ -9,7 +10,7 @@ causal Transformer through its KV cache, until the grid is full. No classifier-f
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --num_images 50000 --out DIR   # the paper's protocol
     python sample.py --ckpt out/ckpt.pt --num_steps 64          # parallel decoding: 64 steps, not 256
     python sample.py --ckpt out/ckpt.pt --prefix_image IMG --keep_mask MASK   # zero-shot in/outpainting
-    python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs per image, MFU
+    python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs, MFU, operators and time per step
     python sample.py --ckpt out/ckpt.pt --figures IMG --out figs  # Fig. 3: token similarity, last-layer attention
 
 writes the .npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout), a .png
@@ -17,6 +18,8 @@ grid of the first images, and one PNG per image. Finished batches are kept and s
 the same checkpoint and flags (--num_images may change); an --out of other samples is refused (--overwrite).
 """
 import argparse
+import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -29,20 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from heads import GaussianDiffusion, Heptapod, linear_flops, saved_config, take
-from model import load_weights, make_orders
-from tokenizers import HelpFormatter, VQTokenizer, center_crop_arr, make_tokenizer, to_rgb
-
-# dense bf16 peak of one GPU in TFLOP/s, from the vendors' data sheets; the first name found in the device's wins
-PEAK_TFLOPS = {'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312}
-
-
-def peak_flops(device, default_tflops=None):
-    """Peak bf16 FLOP/s of the device for MFU, or None when unknown (CPUs)."""
-    name = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else ''
-    tflops = next((t for n, t in PEAK_TFLOPS.items() if n in name), default_tflops)
-    return tflops and tflops * 1e12
+from heads import Heptapod, linear_flops, take
+from model import make_orders
+from tokenizers import (HelpFormatter, VQTokenizer, center_crop_arr, hold_lock, load_weights, make_folder,
+                        make_tokenizer, mfu, percent, read_torch, to_rgb, write_atomic)
 
 
 def step_schedule(n, num_steps):
@@ -55,6 +50,107 @@ def step_schedule(n, num_steps):
         sizes.append(left - after)
         left = after
     return sizes
+
+
+def start_orders(B, N, position_order, keep, generator):
+    """(B, N) the positions in generation order: the kept positions first (in random order), then the others
+    in the chosen order (random: uniformly random, the paper; raster; confidence: filled in as generated)."""
+    if position_order == 'raster':
+        return make_orders(B, N, 'raster', generator)  # a kept prefix is the first rows (sampling_errors)
+    orders = make_orders(B, N, 'random', generator)
+    if keep is not None:  # kept positions first, each group in the random order drawn above
+        orders = orders.gather(1, (~keep).gather(1, orders).long().argsort(dim=1, stable=True))
+    return orders
+
+
+def with_unconditional(labels, orders, num_classes, cfg):
+    """CFG (not the paper's): a 'no class' copy of every row, which reads the same positions and receives the same
+    tokens; the token head mixes the two (off at cfg = 1)."""
+    if cfg == 1.0:
+        return labels, orders
+    return torch.cat([labels, torch.full_like(labels, num_classes)]), orders.repeat(2, 1)
+
+
+def by_confidence(token_head, z, seen, rest, k, cfg):
+    """Not the paper's: `rest` (M, n), the positions left in order, with the k whose best token is most likely
+    (logits of z (M, N, C), the guided half with CFG) moved to the front."""
+    B = len(z) // 2 if cfg != 1.0 else len(z)
+    conf = token_head.logits(z, cfg).log_softmax(-1).amax(-1).masked_fill(seen[:B], -math.inf)  # (B, N)
+    chosen = conf.topk(k, dim=1).indices.repeat(len(z) // B, 1)  # (M, k)
+    first = (rest[:, :, None] == chosen[:, None, :]).any(-1)  # (M, n)
+    return rest.gather(1, (~first).long().argsort(dim=1, stable=True))
+
+
+@torch.no_grad()
+def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
+             position_order=None, prefix=None, use_cache=True, diffusion_steps=100, graphs=None):
+    """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order (1D models
+    must sample in it; a 2D model predicts every position, so it may sample in any); position_order None follows it,
+    random being the paper's. num_steps < N places several tokens per step (MAR's cosine schedule), fed back
+    together. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and returned unchanged (in- and
+    outpainting). use_cache=False recomputes the prefix at every step (the reference path). graphs: CUDAGraphs (or
+    a stand-in) through which the backbone, the head and the diffusion chain are called."""
+    keep = None if prefix is None else prefix[1].to(labels.device)
+    errors = sampling_errors(model.config, order, num_steps, position_order, keep)
+    if errors:
+        raise ValueError('; '.join(errors))
+    B, N, C, D, dev = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim'], labels.device
+    one_d, local = model.config['head'] == 'linear', model.config['head'] == 'local' and use_cache
+    position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
+    K, orders = 0 if keep is None else int(keep[0].sum()), start_orders(B, N, position_order, keep, generator)
+    labels, orders = with_unconditional(labels, orders, model.num_classes, cfg)  # (M,), (M, N): M = B, 2B with CFG
+    M, t_model, run = len(labels), model.transformer, graphs or (lambda name, fn, *args: fn(*args))
+    tokens = torch.zeros(M, N, *([D] if D else []), dtype=torch.float if D else torch.long, device=dev)
+    if keep is not None:
+        tokens[:] = prefix[0].to(tokens).repeat(M // B, *([1] * (tokens.dim() - 1)))
+    h = torch.zeros(M, N, C, device=dev)  # h[:, t]: the causal state after t tokens
+    target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)  # the 1D models' next positions
+
+    def feed(t0, t1):  # the tokens of steps t0..t1-1 into the causal Transformer -> h[:, t0+1..t1]
+        pos, steps = orders[:, t0:t1], torch.arange(t0 + 1, t1 + 1, device=dev)  # sequence index 0 is the class
+        if not use_cache:
+            h[:, t0 + 1:t1 + 1] = t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[
+                :, t0 + 1:]
+            return
+        h[:, t0 + 1:t1 + 1] = run('backbone', t_model.decode, take(tokens, pos), pos, steps, target(t0 + 1, t1 + 1))
+        if local:  # the local head's cross-attention keys and values of the new states, once
+            run('head', model.head.extend, h[:, t0 + 1:t1 + 1], pos, steps)
+    try:
+        if use_cache:
+            t_model.setup_cache(M, N)
+            h[:, :1] = t_model.prefill(labels, target(0, 1))
+        else:
+            h[:, :1] = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
+        if local:
+            model.head.setup_cache(M, N)
+            model.head.extend(h[:, :1], orders[:, :0], torch.zeros(1, dtype=torch.long, device=dev))
+        if K:  # the kept tokens, in one causal block
+            feed(0, K)
+        t = K
+        for k in step_schedule(N - K, num_steps or N - K):
+            if one_d:  # the 1D baselines: h_t predicts the token at orders[:, t]
+                z = h[:, t:t + 1]  # (M, 1, C)
+            else:  # the head predicts the positions left (global: all of them, local: the chunk of the next)
+                z, positions, seen = run('head', model.head, h, orders, torch.full((M, 1), t, device=dev))
+                if position_order == 'confidence':
+                    orders[:, t:] = by_confidence(model.token_head, z, seen, orders[:, t:], k, cfg)
+                slot = (positions[:, :, None] == orders[:, None, t:t + k]).int().argmax(1)  # (M, k) where in z
+                z = z.gather(1, slot[..., None].expand(M, k, C))  # (M, k, C)
+            step_cfg = 1 + (cfg - 1) * (t + k) / N if D else cfg  # MAR's linear CFG schedule for continuous tokens
+            tok = model.token_head.sample(z.flatten(0, 1), generator, temperature, step_cfg, top_k, diffusion_steps,
+                                          graphs)  # (B*k[, D]), the guided rows only with CFG
+            tok = tok.view(B, k, *tok.shape[1:])  # (B, k[, D])
+            tokens[torch.arange(M, device=dev)[:, None], orders[:, t:t + k]] = tok.repeat(M // B, *[1] * (tok.dim() - 1))
+            if t + k < N:
+                feed(t, t + k)
+            t += k
+    finally:
+        t_model.clear_cache()
+        if local:
+            model.head.clear_cache()
+        if graphs is not None:
+            graphs.forget('backbone', 'head')  # they read this call's caches
+    return tokens[:B]
 
 
 def sampling_errors(config, order, num_steps=None, position_order=None, keep=None):
@@ -84,92 +180,41 @@ def sampling_errors(config, order, num_steps=None, position_order=None, keep=Non
     return errors
 
 
-def start_orders(B, N, position_order, keep, generator):
-    """(B, N) the positions in generation order: the kept positions first (in random order), then the others
-    in the chosen order (random: uniformly random, the paper; raster; confidence: filled in as generated)."""
-    if position_order == 'raster':
-        return make_orders(B, N, 'raster', generator)  # a kept prefix is the first rows (sampling_errors)
-    orders = make_orders(B, N, 'random', generator)
-    if keep is not None:  # kept positions first, each group in the random order drawn above
-        orders = orders.gather(1, (~keep).gather(1, orders).long().argsort(dim=1, stable=True))
-    return orders
+class CUDAGraphs:
+    """The sampler's step functions (the cached decoding step, the head, the diffusion chain) replayed as captured
+    CUDA graphs, one per name and input shapes: the inputs are copied into the graph's own tensors, the replay runs
+    the kernels of the eager call, and the outputs are cloned out. A function graphed here reads and writes only its
+    tensor arguments, the weights and the caches (no host sync, no random draw); the graphs of the cached steps are
+    forgotten with their caches, at the end of every generate()."""
 
+    def __init__(self):
+        self.graphs = {}
 
-@torch.no_grad()
-def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
-             position_order=None, prefix=None, use_cache=True):
-    """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order (1D models
-    must sample in it; a 2D model predicts every position, so it may sample in any); position_order None follows
-    it, random being the paper's, and 'confidence' fills the most likely positions first. num_steps < N places
-    several tokens per step (MAR's cosine schedule), which go through the causal Transformer together. cfg > 1
-    guides with a 'no class' copy (off by default): logit mixing for discrete tokens, the noise prediction with
-    MAR's linear schedule for continuous ones. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and
-    returned unchanged (zero-shot inpainting / outpainting). use_cache=False recomputes the causal
-    Transformer over the whole prefix at every step (the reference path)."""
-    B, N, C, D = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim']
-    dev = labels.device
-    one_d = model.config['head'] == 'linear'  # the 1D baselines predict the single next token (Table 1)
-    keep = None if prefix is None else prefix[1].to(dev)
-    errors = sampling_errors(model.config, order, num_steps, position_order, keep)
-    if errors:
-        raise ValueError('; '.join(errors))
-    K = 0 if keep is None else int(keep.sum(1)[0])
-    sizes = step_schedule(N - K, num_steps or N - K)
-    position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
-    orders = start_orders(B, N, position_order, keep, generator)
-    if cfg != 1.0:  # the unconditional copies read the same positions and receive the same tokens
-        labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
-    M = len(labels)
-    target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)  # the 1D models' next positions
-    rows = torch.arange(M, device=dev)
-    tokens = torch.zeros(M, N, *([D] if D else []), dtype=torch.float if D else torch.long, device=dev)
-    if keep is not None:
-        tokens[:] = prefix[0].to(tokens).repeat(M // B, *([1] * (tokens.dim() - 1)))
-    h_steps = torch.zeros(M, N, C, device=dev)  # h_steps[:, t] has seen t tokens
-    t_model = model.transformer
+    def __call__(self, name, fn, *args):
+        key = (name,) + tuple(None if a is None else (a.shape, a.dtype) for a in args)
+        if key not in self.graphs:
+            static = [None if a is None else a.clone() for a in args]
+            # autocast's cache of cast weights would outlive the graph: cast inside it instead
+            with torch.autocast('cuda', torch.get_autocast_dtype('cuda'), torch.is_autocast_enabled('cuda'),
+                                cache_enabled=False):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    fn(*static)  # warm-up, outside the graph: cuBLAS workspaces and lazy initialisation
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = fn(*static)
+            self.graphs[key] = graph, static, out
+        graph, static, out = self.graphs[key]
+        for s, a in zip(static, args):
+            if a is not None:
+                s.copy_(a)
+        graph.replay()
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
-    def feed(t0, t1):  # the tokens of steps t0..t1-1 into the causal Transformer -> their states (M, t1-t0, C)
-        if use_cache:
-            step_idx = torch.arange(t0 + 1, t1 + 1, device=dev)  # sequence indices: the class is 0
-            return t_model.decode(take(tokens, orders[:, t0:t1]), orders[:, t0:t1], step_idx, target(t0 + 1, t1 + 1))
-        return t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[:, t0 + 1:]
-
-    try:
-        if use_cache:
-            t_model.setup_cache(M, N)
-            h_steps[:, :1] = t_model.prefill(labels, target(0, 1))
-        else:
-            h_steps[:, :1] = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
-        if K:  # the kept tokens, in one causal block
-            h_steps[:, 1:K + 1] = feed(0, K)
-        t = K
-        for s, k in enumerate(sizes):
-            if one_d:
-                z = h_steps[:, t:t + 1]  # (M, 1, C): h_t predicts the token at orders[:, t]
-            else:  # the head predicts the positions left (global: all of them, local: the chunk of the next)
-                z, positions, seen = model.head(h_steps, orders, torch.full((M, 1), t, device=dev))
-                if position_order == 'confidence':  # the k positions whose best token is most likely
-                    logits = model.token_head.logits(z, cfg)  # (B, N, V)
-                    conf = logits.log_softmax(-1).amax(-1).masked_fill(seen[:B], -math.inf)  # (B, N)
-                    chosen = conf.topk(k, dim=1).indices.repeat(M // B, 1)  # (M, k)
-                    rest = orders[:, t:]  # the positions left, the chosen ones moved to the front
-                    first = (rest[:, :, None] == chosen[:, None, :]).any(-1)
-                    orders[:, t:] = rest.gather(1, (~first).long().argsort(dim=1, stable=True))
-                slot = (positions[:, :, None] == orders[:, None, t:t + k]).int().argmax(1)  # (M, k) where in z
-                z = z.gather(1, slot[..., None].expand(M, k, C))  # (M, k, C)
-            # MAR's linear CFG schedule for the diffusion head: from 1 towards cfg as the image fills up
-            step_cfg = 1 + (cfg - 1) * (t + k) / N if D else cfg
-            tok = model.token_head.sample(z.flatten(0, 1), generator, temperature, step_cfg, top_k)  # (B*k[, D])
-            tok = tok.view(B, k, *tok.shape[1:])  # (B, k[, D]), the guided rows only with CFG
-            if cfg != 1.0:
-                tok = tok.repeat(2, *([1] * (tok.dim() - 1)))
-            tokens[rows[:, None], orders[:, t:t + k]] = tok
-            if t + k < N:
-                h_steps[:, t + 1:t + k + 1] = feed(t, t + k)
-            t += k
-    finally:
-        t_model.clear_cache()
-    return tokens[:B]
+    def forget(self, *names):
+        self.graphs = {k: v for k, v in self.graphs.items() if k[0] not in names}
 
 
 def decode(tokenizer, tokens, grid_size):
@@ -186,58 +231,261 @@ def save_grid(images, path, ncol):
         r, c = divmod(i, ncol)
         grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
     scale = max(1, math.ceil(64 / H))
-    Image.fromarray(grid).resize((ncol * W * scale, nrow * H * scale), Image.NEAREST).save(path)
+    save_png(Image.fromarray(grid).resize((ncol * W * scale, nrow * H * scale), Image.NEAREST), path)
+
+
+def save_png(image, path):
+    write_atomic(path, lambda f: image.save(f, format='PNG'))
+
+
+# -----------------------------------------------------------------------------
+# The command line: a distributed, resumable run of many batches
 
 
 def load_checkpoint(path, device='cpu'):
-    """A train.py checkpoint, read without unpickling arbitrary objects."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no such file (train.py writes out_dir/ckpt.pt)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch's own message spans lines and suggests weights_only=False: name the type only
-        raise SystemExit(f"error: {path}: not a readable PyTorch checkpoint ({type(e).__name__}): damaged, or not "
-                         f"written by train.py (out_dir/ckpt.pt, or an earlier out_dir/ckpt_STEP.pt)")
-    missing = {'config', 'model', 'ema', 'args', 'data_meta'} - set(ckpt if isinstance(ckpt, dict) else ())
+    """A train.py checkpoint, read without unpickling arbitrary objects and checked (check_checkpoint)."""
+    return check_checkpoint(read_torch(path, 'PyTorch checkpoint', '; expected a train.py checkpoint (out_dir/ckpt.pt '
+                                                                   'or out_dir/ckpt_STEP.pt)', device), path)
+
+
+def check_checkpoint(ckpt, path):
+    """ckpt, if it is a train.py checkpoint of this version of the code; else one error line."""
+    missing = {'config', 'model', 'ema', 'optimizer', 'step', 'args', 'data_meta'} - set(
+        ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise SystemExit(f"error: {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
-    ckpt['config'] = saved_config(ckpt['config'])
+    own = set(Heptapod.__init__.__code__.co_varnames[1:Heptapod.__init__.__code__.co_argcount])
+    if set(ckpt['config']) != own:
+        raise SystemExit(f"error: {path}: written by another version of this code (its model config differs in "
+                         f"{sorted(set(ckpt['config']) ^ own)}); train the model again with this one")
     return ckpt
 
 
-def check_args(args, ckpt):
-    """Flags that cannot work with this checkpoint fail here, in one line, before anything is built or written."""
-    V, classes = ckpt['config']['vocab_size'], ckpt['config']['num_classes']
-    checks = [  # (what is wrong, the message)
-        (args.num_images < 1, f"--num_images {args.num_images} must be >= 1"),
-        (args.batch_size < 1, f"--batch_size {args.batch_size} must be >= 1"),
-        (args.temperature <= 0, f"--temperature {args.temperature} must be > 0 (1: the model's distribution)"),
-        (args.class_label is not None and not 0 <= args.class_label < classes,
-         f"--class_label {args.class_label} must be in [0, {classes - 1}] (the model's classes)"),
-        (args.top_k is not None and not 1 <= args.top_k <= V, f"--top_k {args.top_k} must be in [1, {V}] (the "
-         f"vocabulary)" if V else "--top_k applies to discrete tokens; this model's tokens are continuous"),
-        (not 1 <= args.diffusion_steps <= 1000,  # respaced from the 1000 trained steps (heads.GaussianDiffusion)
-         f"--diffusion_steps {args.diffusion_steps} must be in [1, 1000] (MAR: 100)"),
-        (args.cfg != 1.0 and not ckpt['args'].get('class_dropout'),
-         f"--cfg {args.cfg} needs a model trained with --class_dropout > 0: this one never saw the 'no class' "
-         f"label, so its embedding is untrained (sample with --cfg 1, the paper's setting)")]
-    errors = [message for wrong, message in checks if wrong]
+def file_hash(path):
+    """The first 16 hex digits of the file's sha256: what identifies a checkpoint, whatever its name or date."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):  # 16 MB at a time: a checkpoint of H is gigabytes
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def class_labels(args, num_classes):
+    """(num_images,) labels: balanced (num_images / classes of each, as MAR's 50 per class), random (one seed for
+    all ranks) or --class_label. The first n never depend on --num_images (torch's CPU randint draws in order),
+    so that a longer run extends a shorter one."""
+    if args.class_label is not None:
+        return torch.full((args.num_images,), args.class_label)
+    if args.labels == 'balanced':
+        return torch.arange(args.num_images) % num_classes
+    return torch.randint(num_classes, (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
+
+
+def prepare_out(args, root, npz, meta, device_type, rank):
+    """Let --out continue only samples of the same weights and flags: root/settings.json (the flags that change
+    images, hashes of the files read) must equal this run's, else refuse in one line, or with --overwrite delete
+    the other run's batches, images and .npz. Every rank checks; rank 0 writes."""
+    # not --num_images: seeds and labels follow the batch index (a shorter last batch is sampled again when the
+    # run grows); not --compile, CUDA graphs or the number of processes; but bf16 and the device's random streams do
+    flags = ('ema', 'batch_size', 'labels', 'class_label', 'seed', 'temperature', 'top_k', 'cfg', 'num_steps',
+             'position_order', 'diffusion_steps', 'amp')
+    files = dict(ckpt=args.ckpt, tokenizer_ckpt=args.tokenizer_ckpt or meta.get('ckpt'),
+                 prefix_image=args.prefix_image, keep_mask=args.keep_mask)
+    settings = {k: getattr(args, k) for k in flags} | {f'{k} sha256': p and file_hash(p) for k, p in files.items()}
+    settings['device'] = device_type
+    record, old = os.path.join(root, 'settings.json'), None
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+    made = glob.glob(os.path.join(root, 'batch_*.npz')) + glob.glob(os.path.join(root, 'images', '[0-9]*.png'))
+    made += [f for f in (npz, os.path.splitext(npz)[0] + '.png') if os.path.isfile(f)]
+    if made and old != settings and not args.overwrite:
+        diff = 'no settings.json' if old is None else ', '.join(
+            f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+        raise SystemExit(f"error: --out {args.out} holds samples of other settings ({diff}); use another --out, or "
+                         f"add --overwrite to delete them and start afresh")
+    if rank == 0:
+        for f in made if old != settings else ():  # --overwrite
+            os.remove(f)
+        make_folder(os.path.join(root, 'images'), '--out')
+        write_atomic(record, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+def finished(part, y):
+    """Whether batch file `part` holds the images of labels y (an unreadable one is sampled again)."""
+    try:
+        return np.array_equal(np.load(part)['labels'], y.numpy())
+    except (OSError, ValueError, KeyError, EOFError):  # missing, cut short or not an .npz
+        return False
+
+
+def sample_run(args, sample_batch, meta, root, npz, rank, world_size, ddp):
+    """Every batch of --num_images, rank r taking batches r, r + world, ..., each written whole as root/batch_K.npz
+    and its PNGs (skipped when an earlier run of these settings wrote it); then rank 0 joins them into the .npz."""
+    labels = class_labels(args, meta['num_classes'])
+    batches = range(math.ceil(args.num_images / args.batch_size))
+    t0, done = time.time(), 0
+    for k in batches[rank::world_size]:
+        part, y = os.path.join(root, f'batch_{k:05d}.npz'), labels[k * args.batch_size:(k + 1) * args.batch_size]
+        if finished(part, y):
+            continue  # finished by an earlier run of these settings (its last batch may have been shorter)
+        images = sample_batch(k, y)
+        for i, im in enumerate(images):
+            save_png(Image.fromarray(im), os.path.join(root, 'images', f'{k * args.batch_size + i:06d}.png'))
+        write_atomic(part, lambda f: np.savez(f, images=images, labels=y.numpy()))
+        done += len(images)
+        print(f"rank {rank}: sampled {done} images, {done / (time.time() - t0):.2f} images/s", flush=True)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        parts = [np.load(os.path.join(root, f'batch_{k:05d}.npz')) for k in batches]
+        images = np.concatenate([p['images'] for p in parts])  # (num_images, H, W, 3) uint8
+        write_atomic(npz, lambda f: np.savez(f, arr_0=images, arr_1=np.concatenate([p['labels'] for p in parts])))
+        png = os.path.splitext(npz)[0] + '.png'
+        save_grid(images[:100], png, ncol=meta['num_classes'] if meta['num_classes'] <= 20 else 10)
+        print(f"wrote {npz}, {png} and {len(images)} images in {root}/images")
+
+
+def setup_distributed(device=None):
+    """(ddp, rank, world_size, device): under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU
+    with NCCL, or per CPU process with gloo; otherwise a single process on `device` (default: cuda if any)."""
+    if 'RANK' not in os.environ:
+        return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def main(args):
+    ddp, rank, world_size, device = setup_distributed(args.device)
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    args.amp = device_type == 'cuda' if args.amp is None else args.amp
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp)
+    ckpt = load_checkpoint(args.ckpt, device)
+    check_args(args, ckpt)
+    what = 'ema' if args.ema else 'model'
+    model = load_weights(Heptapod(**ckpt['config']).to(device).eval(), ckpt[what], args.ckpt, f"its '{what}' weights")
+    if args.compile:  # the per-step work: the head over the grid and the cached decoding step
+        model.head = torch.compile(model.head) if model.head is not None else None
+        model.transformer.decode = torch.compile(model.transformer.decode)
+    graphs = CUDAGraphs() if device_type == 'cuda' and args.cuda_graphs is not False else None
+    meta, order = ckpt['data_meta'], ckpt['args']['order']
+    tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device, meta.get('colours'))
+    root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
+    if args.figures:
+        return write_figures(args, root, model, meta, tokenizer, device)
+    prefix = load_prefix(args, meta, tokenizer, model.grid_size, device) if args.prefix_image or args.keep_mask \
+        else None
+    errors = sampling_errors(model.config, order, args.num_steps, args.position_order, prefix and prefix[1])
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
+    def sample_batch(k, labels, graphs=graphs):  # batch k, with its own seed: the same images on any number of GPUs
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
+        p = None if prefix is None else (prefix[0].expand(len(labels), *prefix[0].shape[1:]),
+                                         prefix[1].expand(len(labels), -1))
+        with autocast:
+            tokens = generate(model, labels.to(device), order, g, args.temperature, args.top_k, args.cfg,
+                              args.num_steps, args.position_order, p, diffusion_steps=args.diffusion_steps,
+                              graphs=graphs)
+        return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
 
-def load_prefix(args, meta, tokenizer, grid_size, device):
-    """(tokens (1, N[, D]), keep (1, N) bool) from --prefix_image and --keep_mask (white: keep)."""
-    if args.prefix_image is None or args.keep_mask is None:
-        raise SystemExit("error: --prefix_image and --keep_mask go together: give both image files")
-    mask = read_image('--keep_mask', args.keep_mask).convert('L').resize((grid_size, grid_size), Image.NEAREST)
-    mask = np.array(mask) > 127  # (h, w)
-    left = grid_size ** 2 - int(mask.sum())  # the positions to generate
-    if left == 0:
-        raise SystemExit(f"error: --keep_mask {args.keep_mask} is white everywhere, so it keeps every token and "
-                         f"leaves none to generate (black marks the positions to generate)")
-    tokens = image_tokens(args.prefix_image, '--prefix_image', meta, tokenizer, args.seed, device)
-    return tokens, torch.from_numpy(mask).flatten()[None].to(device)
+    if args.bench:
+        return bench(args, sample_batch, model, meta['num_classes'], device, graphs)
+    npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
+    if rank == 0:
+        make_folder(root, '--out')
+    with hold_lock(root, 'sample.py') if rank == 0 else contextlib.nullcontext():
+        prepare_out(args, root, npz, meta, device_type, rank)
+        if ddp:
+            dist.barrier()  # rank 0 has emptied (--overwrite) and made the directory
+        sample_run(args, sample_batch, meta, root, npz, rank, world_size, ddp)
+    if ddp:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# --bench: images/s, FLOPs and MFU, the operators dispatched and the time of each part per step
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched: each is at least one kernel launch on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Timed:
+    """A stand-in for CUDAGraphs that calls through `graphs` (or directly) and adds up each part's seconds."""
+
+    def __init__(self, graphs, device):
+        self.graphs, self.device, self.seconds = graphs, device, collections.Counter()
+
+    def __call__(self, name, fn, *args):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = fn(*args) if self.graphs is None else self.graphs(name, fn, *args)
+        sync(self.device)
+        self.seconds[name] += time.perf_counter() - t0
+        return out
+
+    def forget(self, *names):
+        if self.graphs is not None:
+            self.graphs.forget(*names)
+
+
+def sync(device):
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def sampling_flops(model, num_steps, diffusion_steps, cfg):
+    """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the
+    head once per step over the whole grid (global) or the next chunk (local), the token head once per
+    token (the diffusion MLP: diffusion_steps times); doubled with CFG."""
+    train = model.flops_per_image(1)  # forward + backward for one prefix: a third of it is the forward
+    flops = train['backbone'] / 3 + num_steps * train['head'] / 3
+    per_token = linear_flops(model.token_head) * (diffusion_steps if model.config['token_dim'] else 1)
+    flops += model.grid_size ** 2 * per_token
+    return flops * (2 if cfg != 1.0 else 1)
+
+
+def bench(args, sample_batch, model, num_classes, device, graphs):
+    """--bench: one batch to warm up (compile, capture), one timed: images/s, FLOPs per image, MFU; then the aten
+    operators of one step and, in one more batch with a synchronisation around each part, where the time goes."""
+    labels, N = torch.arange(args.batch_size) % num_classes, model.grid_size ** 2
+    steps = len(step_schedule(N, args.num_steps or N))
+    for k in range(2):
+        sync(device)
+        t0 = time.time()
+        sample_batch(k, labels)
+    sync(device)
+    dt = time.time() - t0
+    flops = sampling_flops(model, steps, args.diffusion_steps, args.cfg)
+    print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; "
+          f"{flops / 1e9:.1f} GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
+    counts = []
+    for g in (None, graphs) if graphs is not None else (None,):  # the operator count does not depend on the batch
+        with CountOps() as ops:
+            sample_batch(0, labels[:2], graphs=g)
+        counts.append(f"{ops.count / steps:.0f} {'with CUDA graphs' if g else 'eager'}")
+    timed = Timed(graphs, device)
+    sample_batch(0, labels, graphs=timed)
+    parts = dict(timed.seconds, other=dt - sum(timed.seconds.values()))
+    print(f"bench: aten operators per step: {', '.join(counts)}; ms per step: " +
+          ", ".join(f"{name} {1000 * s / steps:.1f}" for name, s in parts.items()))
+
+
+# -----------------------------------------------------------------------------
+# Images in: the prefix of in/outpainting, and Fig. 3 (and Appendix B): how an image's tokens correlate, and
+# where the causal Transformer looks
 
 
 def read_image(flag, path):
@@ -257,8 +505,18 @@ def image_tokens(path, flag, meta, tokenizer, seed, device):
     return tokens.flatten(1, 2).to(device)  # (1, h, w[, D]) -> (1, N[, D])
 
 
-# -----------------------------------------------------------------------------
-# Fig. 3 and Appendix B: how an image's tokens correlate, and where the causal Transformer looks
+def load_prefix(args, meta, tokenizer, grid_size, device):
+    """(tokens (1, N[, D]), keep (1, N) bool) from --prefix_image and --keep_mask (white: keep)."""
+    if args.prefix_image is None or args.keep_mask is None:
+        raise SystemExit("error: --prefix_image and --keep_mask go together: give both image files")
+    mask = read_image('--keep_mask', args.keep_mask).convert('L').resize((grid_size, grid_size), Image.NEAREST)
+    mask = np.array(mask) > 127  # (h, w)
+    if mask.all():
+        raise SystemExit(f"error: --keep_mask {args.keep_mask} is white everywhere, so it keeps every token and "
+                         f"leaves none to generate (black marks the positions to generate)")
+    tokens = image_tokens(args.prefix_image, '--prefix_image', meta, tokenizer, args.seed, device)
+    return tokens, torch.from_numpy(mask).flatten()[None].to(device)
+
 
 def token_vectors(tokenizer, tokens, grid_size):
     """(N, D) vectors of an image's tokens (1, N[, D]): continuous tokens as they are (VAE latents, pixel patches),
@@ -312,174 +570,36 @@ def write_figures(args, out, model, meta, tokenizer, device):
     attention = last_layer_attention(model, tokens, torch.tensor([args.class_label or 0], device=device))
     image = decode(tokenizer, tokens, g)[0].cpu().numpy()  # (H, W, 3) what the model reads
     image = np.asarray(Image.fromarray(image).resize((12 * g, 12 * g), Image.NEAREST))
-    os.makedirs(out, exist_ok=True)
+    make_folder(out, '--out')
     for name, maps in (('similarity', similarity), ('attention', [attention[p] / attention[p].max() for p in refs])):
         row = np.concatenate([image] + [heatmap(m, g, p) for m, p in zip(maps, refs)], axis=1)  # image, then 3 maps
-        Image.fromarray(row).save(os.path.join(out, f'{name}.png'))
+        save_png(Image.fromarray(row), os.path.join(out, f'{name}.png'))
     print(f"wrote {out}/similarity.png and {out}/attention.png (reference tokens {refs})")
 
 
-def file_hash(path):
-    """The first 16 hex digits of the file's sha256: what identifies a checkpoint, whatever its name or date."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 24):  # 16 MB at a time: a checkpoint of H is gigabytes
-            h.update(chunk)
-    return h.hexdigest()[:16]
+# -----------------------------------------------------------------------------
+# Arguments
 
 
-def class_labels(args, num_classes):
-    """(num_images,) labels: balanced (num_images / classes of each, as MAR's 50 per class), random (one seed for
-    all ranks) or --class_label. The first n never depend on --num_images (torch's CPU randint draws in order),
-    so that a longer run extends a shorter one."""
-    if args.class_label is not None:
-        return torch.full((args.num_images,), args.class_label)
-    if args.labels == 'balanced':
-        return torch.arange(args.num_images) % num_classes
-    return torch.randint(num_classes, (args.num_images,), generator=torch.Generator().manual_seed(args.seed))
-
-
-def prepare_out(args, root, npz, meta, device_type, rank):
-    """Let --out continue only samples of the same weights and flags: root/settings.json (the flags that change
-    images, hashes of the files read) must equal this run's, else refuse in one line, or with --overwrite delete
-    the other run's batches, images and .npz. Every rank checks; rank 0 writes."""
-    # not --num_images: seeds and labels follow the batch index (a shorter last batch is sampled again when the
-    # run grows); not --compile or the number of processes; but bf16 and the device's random streams do change them
-    flags = ('ema', 'batch_size', 'labels', 'class_label', 'seed', 'temperature', 'top_k', 'cfg', 'num_steps',
-             'position_order', 'diffusion_steps', 'amp')
-    files = dict(ckpt=args.ckpt, tokenizer_ckpt=args.tokenizer_ckpt or meta.get('ckpt'),
-                 prefix_image=args.prefix_image, keep_mask=args.keep_mask)
-    settings = {k: getattr(args, k) for k in flags} | {f'{k} sha256': p and file_hash(p) for k, p in files.items()}
-    settings['device'] = device_type
-    record, old = os.path.join(root, 'settings.json'), None
-    if os.path.isfile(record):
-        with open(record) as f:
-            old = json.load(f)
-    made = glob.glob(os.path.join(root, 'batch_*.npz')) + glob.glob(os.path.join(root, 'images', '[0-9]*.png'))
-    made += [f for f in (npz, os.path.splitext(npz)[0] + '.png') if os.path.isfile(f)]
-    if made and old != settings and not args.overwrite:
-        diff = 'no settings.json' if old is None else ', '.join(
-            f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
-        raise SystemExit(f"error: --out {args.out} holds samples of other settings ({diff}); use another --out, or "
-                         f"add --overwrite to delete them and start afresh")
-    if rank == 0:
-        for f in made if old != settings else ():  # --overwrite
-            os.remove(f)
-        os.makedirs(os.path.join(root, 'images'), exist_ok=True)
-        with open(record + '.tmp', 'w') as f:  # whole or not at all
-            json.dump(settings, f, indent=1)
-        os.replace(record + '.tmp', record)
-
-
-def sampling_flops(model, num_steps, diffusion_steps, cfg):
-    """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the
-    head once per step over the whole grid (global) or the next chunk (local), the token head once per
-    token (the diffusion MLP: diffusion_steps times); doubled with CFG."""
-    train = model.flops_per_image(1)  # forward + backward for one prefix: a third of it is the forward
-    flops = train['backbone'] / 3 + num_steps * train['head'] / 3
-    per_token = linear_flops(model.token_head) * (diffusion_steps if model.config['token_dim'] else 1)
-    flops += model.grid_size ** 2 * per_token
-    return flops * (2 if cfg != 1.0 else 1)
-
-
-def init_distributed(device=None):
-    """(ddp, rank, world_size, device): under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU
-    with NCCL, or per CPU process with gloo; otherwise a single process on `device` (default: cuda if any)."""
-    if 'RANK' not in os.environ:
-        return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
-    if device.startswith('cuda'):
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def bench(args, sample_batch, model, num_classes, device):
-    """--bench: one batch to warm up (and compile), one timed; images/s, FLOPs per image and MFU."""
-    labels = torch.arange(args.batch_size, device=device) % num_classes
-    for k in range(2):
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        t0 = time.time()
-        sample_batch(k, labels)
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-    ips, N = args.batch_size / (time.time() - t0), model.grid_size ** 2
-    flops = sampling_flops(model, len(step_schedule(N, args.num_steps or N)), args.diffusion_steps, args.cfg)
-    peak = peak_flops(device, args.peak_tflops)
-    print(f"bench: {ips:.2f} images/s at batch {args.batch_size}, {args.num_steps or N} steps; "
-          f"{flops / 1e9:.1f} GFLOP per image; MFU {'-' if peak is None else f'{100 * flops * ips / peak:.1f}%'}")
-
-
-def main(args):
-    ddp, rank, world_size, device = init_distributed(args.device)
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    args.amp = device_type == 'cuda' if args.amp is None else args.amp
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp)
-    ckpt = load_checkpoint(args.ckpt, device)
-    check_args(args, ckpt)
-    what = 'ema' if args.ema else 'model'
-    model = Heptapod(**ckpt['config']).to(device).eval()
-    load_weights(model, ckpt[what], args.ckpt, f"its '{what}' weights")
-    if model.config['token_dim']:
-        model.token_head.sample_diffusion = GaussianDiffusion(args.diffusion_steps).to(device)
-    if args.compile:  # the per-step work: the head over the grid and the cached decoding step
-        model.head = torch.compile(model.head) if model.head is not None else None
-        model.transformer.decode = torch.compile(model.transformer.decode)
-    meta, order = ckpt['data_meta'], ckpt['args']['order']
-    tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device)
-    root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
-    if args.figures:
-        return write_figures(args, root, model, meta, tokenizer, device)
-    prefix = load_prefix(args, meta, tokenizer, model.grid_size, device) if args.prefix_image or args.keep_mask \
-        else None
-    errors = sampling_errors(model.config, order, args.num_steps, args.position_order, prefix and prefix[1])
+def check_args(args, ckpt):
+    """Flags that cannot work with this checkpoint fail here, in one line, before anything is built or written."""
+    V, classes = ckpt['config']['vocab_size'], ckpt['config']['num_classes']
+    checks = [  # (what is wrong, the message)
+        (args.num_images < 1, f"--num_images {args.num_images} must be >= 1"),
+        (args.batch_size < 1, f"--batch_size {args.batch_size} must be >= 1"),
+        (args.temperature <= 0, f"--temperature {args.temperature} must be > 0 (1: the model's distribution)"),
+        (args.class_label is not None and not 0 <= args.class_label < classes,
+         f"--class_label {args.class_label} must be in [0, {classes - 1}] (the model's classes)"),
+        (args.top_k is not None and not 1 <= args.top_k <= V, f"--top_k {args.top_k} must be in [1, {V}] (the "
+         f"vocabulary)" if V else "--top_k applies to discrete tokens; this model's tokens are continuous"),
+        (not 1 <= args.diffusion_steps <= 1000,  # respaced from the 1000 trained steps (heads.GaussianDiffusion)
+         f"--diffusion_steps {args.diffusion_steps} must be in [1, 1000] (MAR: 100)"),
+        (args.cfg != 1.0 and not ckpt['args'].get('class_dropout'),
+         f"--cfg {args.cfg} needs a model trained with --class_dropout > 0: this one never saw the 'no class' "
+         f"label, so its embedding is untrained (sample with --cfg 1, the paper's setting)")]
+    errors = [message for wrong, message in checks if wrong]
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
-
-    def sample_batch(k, labels):  # batch k, with its own seed: the same images on any number of GPUs
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
-        p = None if prefix is None else (prefix[0].expand(len(labels), *prefix[0].shape[1:]),
-                                         prefix[1].expand(len(labels), -1))
-        with autocast:
-            tokens = generate(model, labels, order, g, args.temperature, args.top_k, args.cfg,
-                              args.num_steps, args.position_order, p)
-        return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
-
-    if args.bench:
-        return bench(args, sample_batch, model, meta['num_classes'], device)
-
-    labels = class_labels(args, meta['num_classes'])
-    npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
-    prepare_out(args, root, npz, meta, device_type, rank)
-    if ddp:
-        dist.barrier()  # rank 0 has emptied (--overwrite) and made the directory
-    batches = range(math.ceil(args.num_images / args.batch_size))
-    t0, done = time.time(), 0
-    for k in batches[rank::world_size]:
-        part = os.path.join(root, f'batch_{k:05d}.npz')
-        y = labels[k * args.batch_size:(k + 1) * args.batch_size]
-        if os.path.exists(part) and np.array_equal(np.load(part)['labels'], y.numpy()):
-            continue  # finished by an earlier run of these settings (its last batch may have been shorter)
-        images = sample_batch(k, y.to(device))
-        for i, im in enumerate(images):
-            Image.fromarray(im).save(os.path.join(root, 'images', f'{k * args.batch_size + i:06d}.png'))
-        with open(part + '.tmp', 'wb') as f:  # written whole or not at all
-            np.savez(f, images=images, labels=y.numpy())
-        os.replace(part + '.tmp', part)
-        done += len(images)
-        print(f"rank {rank}: sampled {done} images, {done / (time.time() - t0):.2f} images/s", flush=True)
-    if ddp:
-        dist.barrier()
-    if rank == 0:
-        parts = [np.load(os.path.join(root, f'batch_{k:05d}.npz')) for k in batches]
-        images = np.concatenate([p['images'] for p in parts])  # (num_images, H, W, 3) uint8
-        np.savez(npz, arr_0=images, arr_1=np.concatenate([p['labels'] for p in parts]))
-        png = os.path.splitext(npz)[0] + '.png'
-        save_grid(images[:100], png, ncol=meta['num_classes'] if meta['num_classes'] <= 20 else 10)
-        print(f"wrote {npz}, {png} and {len(images)} images in {root}/images")
-    if ddp:
-        dist.destroy_process_group()
 
 
 def get_parser():
@@ -516,6 +636,9 @@ def get_parser():
                         help='bf16 autocast (default: on for CUDA, off for CPU)')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                         help='torch.compile the head and the decoding step')
+    parser.add_argument('--cuda_graphs', action=argparse.BooleanOptionalAction, default=None,
+                        help='replay each step (decoding, head, diffusion chain) as a captured CUDA graph '
+                             '(default: on for CUDA; the same numbers as eager)')
     parser.add_argument('--bench', action='store_true', help='time one batch after a warm-up one, then exit')
     parser.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU on other devices')
     return parser

@@ -1,8 +1,10 @@
 r"""
-Tokenizers, the built-in dataset, and the dataset cache that training memory-maps.
+Tokenizers, the built-in data, and the dataset cache that training memory-maps; at the bottom, the file handling
+every script shares (atomic writes, checkpoint reading, folder locks, --help, memory and MFU reports).
 
-- pixel: each pixel is one token from a fixed palette (3 bits per channel, 512 colours); pixel_patch:
-  each 2x2x3 patch is one continuous 12-d token. Neither needs weights: both train on a CPU.
+- pixel: each pixel is one token, the index of its nearest colour in a palette: fitted to the data by `cache`
+  (k-means, as iGPT; exact for data of few colours) or the fixed 3-bit cube (`--palette cube`, 512 colours);
+  pixel_patch: each 2x2x3 patch is one continuous 12-d token. Neither needs weights: both train on a CPU.
 - vq: LlamaGen's VQ-16 (16384 codes), vae: MAR's KL-16 VAE (16 channels), the paper's tokenizers (Sec. 5.1),
   written to load the released files (vq_ds16_c2i.pt, kl16.ckpt) as they are.
 - make_shapes: the built-in, procedurally drawn data (10 classes of coloured shapes, 16x16 tokens; 'pairs':
@@ -16,31 +18,24 @@ Tokenizers, the built-in dataset, and the dataset cache that training memory-map
         --image_size 256 --out CACHE          # the paper's data: 16x16 tokens of each image and its mirror
 """
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import resource
 import sys
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from collections import OrderedDict
 from PIL import Image
-
-from model import load_weights
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of every script: the module docstring's usage lines as written, and each flag's default (where it
-    has one; fid.py, which imports nothing of ours, has its own copy)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
 
 # -----------------------------------------------------------------------------
 # The pixel tokenizers
@@ -56,22 +51,50 @@ class Tokenizer:
 
 
 class PixelTokenizer(Tokenizer):
-    """One token per pixel: the top `bits` bits of R, G and B packed into one index."""
+    """One token per pixel: the index of the nearest colour (squared RGB distance, ties to the later entry) of a
+    palette (K, 3) uint8, or of the 3-bit cube when palette is None: 512 colours r << 6 | g << 3 | b at the centres
+    of their bins, whose nearest colour is the top 3 bits of each channel (computed so: it is the built-in data's)."""
 
-    def __init__(self, bits=3):
-        self.bits = bits
-        self.vocab_size = 2 ** (3 * bits)  # 512 colours for 3 bits per channel
+    def __init__(self, palette=None):
+        steps = torch.arange(8) * 32 + 16  # the centre of each 3-bit bin
+        cube = torch.stack(torch.meshgrid(steps, steps, steps, indexing='ij'), -1).view(512, 3)
+        self.palette = cube.to(torch.uint8) if palette is None else torch.as_tensor(palette, dtype=torch.uint8)
+        self.cube, self.vocab_size = palette is None, len(self.palette)
 
     def encode(self, images):
         # images: (B, H, W, 3) uint8 -> tokens (B, H, W) int64
-        q = images.long() >> (8 - self.bits)  # (B, H, W, 3) each channel in [0, 2^bits)
-        return (q[..., 0] << (2 * self.bits)) | (q[..., 1] << self.bits) | q[..., 2]
+        if self.cube:
+            q = images.long() >> 5  # (B, H, W, 3) each channel's bin in [0, 8)
+            return (q[..., 0] << 6) | (q[..., 1] << 3) | q[..., 2]
+        x, c = images.reshape(-1, 3).float(), self.palette.float()  # (P, 3), (K, 3)
+        d = torch.cat([(c ** 2).sum(1) - 2 * part @ c.T for part in x.split(16384)])  # (P, K) + |x|^2: exact integers
+        return (len(c) - 1 - d.flip(1).argmin(1)).view(images.shape[:-1])  # the later of equally near colours
 
     def decode(self, tokens):
-        # tokens: (B, H, W) int -> images (B, H, W, 3) uint8, each colour at the centre of its bin
-        mask = 2 ** self.bits - 1
-        q = torch.stack([tokens >> (2 * self.bits), tokens >> self.bits, tokens], dim=-1) & mask  # (B, H, W, 3)
-        return ((q << (8 - self.bits)) + 2 ** (7 - self.bits)).to(torch.uint8)
+        return self.palette.to(tokens.device)[tokens]  # (B, H, W) -> (B, H, W, 3) uint8
+
+
+def fit_palette(pixels, size, seed=0, iters=10):
+    """At most `size` colours (K, 3) uint8 for pixels (P, 3) uint8: their own colours when there are no more than
+    `size` of them (every pixel then round-trips exactly), else k-means in RGB, seeded with k-means++ and weighted by
+    how often each colour occurs, as iGPT's palette of 512 clusters."""
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)  # (U, 3), (U,)
+    if len(colours) <= size:
+        return colours
+    rng, x, w = np.random.default_rng(seed), colours.astype(np.float64), counts.astype(np.float64)
+    centres = [x[rng.choice(len(x), p=w / w.sum())]]
+    d = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(size - 1):  # k-means++: the next centre drawn in proportion to its squared distance
+        centres.append(x[rng.choice(len(x), p=w * d / (w * d).sum())])
+        d = np.minimum(d, ((x - centres[-1]) ** 2).sum(1))
+    centres = np.array(centres)  # (K, 3)
+    for _ in range(iters):  # Lloyd's: each colour to its nearest centre, each centre to its colours' weighted mean
+        c2 = (centres ** 2).sum(1)  # (K,): with -2 x.c, the squared distance less |x|^2
+        near = np.concatenate([(c2 - 2 * part @ centres.T).argmin(1) for part in np.array_split(x, len(x) // 16384 + 1)])
+        n = np.bincount(near, w, size)[:, None]
+        sums = np.stack([np.bincount(near, w * x[:, j], size) for j in range(3)], 1)
+        centres = np.where(n > 0, sums / np.maximum(n, 1e-12), centres)
+    return np.unique(np.clip(np.round(centres), 0, 255).astype(np.uint8), axis=0)
 
 
 class PixelPatchTokenizer(Tokenizer):
@@ -322,34 +345,22 @@ def sample_latent(moments, generator, dim=1):
     return (mean + std * noise) * VAE_SCALE
 
 
+
 RECONSTRUCTION_TOKENIZERS = {  # name: (class, what the file must be)
     'vq': (VQModel, "a LlamaGen VQ-16 checkpoint (vq_ds16_c2i.pt) with a 'model' state dict"),
     'vae': (AutoencoderKL, "a MAR KL-16 checkpoint (kl16.ckpt) with a 'model' state dict"),
 }
 
 
-def read_state_dict(path, expected):
-    """checkpoint['model'] of a released file, read without unpickling Python objects; one-line errors otherwise."""
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file (expected {expected})")
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError for files it cannot read
-        if 'Unsupported global' in str(e):  # e.g. the argparse Namespace 'args' that LlamaGen's vq_train.py saves
-            slim = f"torch.save({{'model': torch.load('{path}', weights_only=False)['model']}}, 'slim.pt')"
-            raise SystemExit(f"error: {path}: holds pickled Python objects besides tensors; if you trust the file, "
-                             f"keep only its weights with: python -c \"import torch; {slim}\"")
-        raise SystemExit(f"error: {path}: not a readable torch checkpoint ({type(e).__name__}); expected {expected}")
+def load_tokenizer(name, path, device='cpu'):
+    """The 'vq' or 'vae' tokenizer with the released weights at `path` (checkpoint['model']; other top-level keys
+    are training state), in eval mode on `device`."""
+    cls, expected = RECONSTRUCTION_TOKENIZERS[name]
+    ckpt = read_torch(path, 'torch checkpoint', f"; expected {expected}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         found = f"top-level keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path}: expected {expected}, found {found}")
-    return dict(ckpt['model'])  # other top-level keys (optimizer, steps, args, ema) are training state
-
-
-def load_tokenizer(name, path, device='cpu'):
-    """The 'vq' or 'vae' tokenizer with the released weights at `path`, in eval mode on `device`."""
-    cls, expected = RECONSTRUCTION_TOKENIZERS[name]
-    sd = read_state_dict(path, expected)
+    sd = dict(ckpt['model'])
     if name == 'vq':
         sd.pop('quantize.codebook_used', None)  # LlamaGen's training-only usage counter (last 65536 codes chosen)
     model = load_weights(cls(), sd, path, f"expected {expected}; its weights", "the file is damaged; download it again")
@@ -407,13 +418,23 @@ TOKENIZERS = {'pixel': PixelTokenizer, 'pixel_patch': PixelPatchTokenizer, 'vq':
 DOWNSAMPLING = {'pixel': 1, 'pixel_patch': 2, 'vq': 16, 'vae': 16}  # image size / token grid size
 
 
-def make_tokenizer(name, ckpt=None, device='cpu'):
-    if name in ('vq', 'vae'):
+def make_tokenizer(name, ckpt=None, device='cpu', colours=None):
+    """The tokenizer `name`: vq and vae with their weights `ckpt`, pixel with a fitted palette `colours` (a cache's
+    meta.json and every checkpoint keep it) or the cube."""
+    if name in RECONSTRUCTION_TOKENIZERS:
         if ckpt is None:
             raise SystemExit(f"error: --tokenizer {name} needs its released weights: --ckpt "
                              f"{'vq_ds16_c2i.pt (FoundationVision/LlamaGen)' if name == 'vq' else 'kl16.ckpt (LTH14/mar)'}")
         return TOKENIZERS[name](ckpt, device)
-    return TOKENIZERS[name]()
+    return PixelTokenizer(colours) if name == 'pixel' else PixelPatchTokenizer()
+
+
+def token_meta(name, colours=None):
+    """What the model needs to know of the tokens: a vocabulary (discrete) or a dimension (continuous)."""
+    tok = TOKENIZERS[name] if name in RECONSTRUCTION_TOKENIZERS else make_tokenizer(name, colours=colours)  # no weights
+    if hasattr(tok, 'vocab_size'):
+        return {'vocab_size': tok.vocab_size}
+    return {'token_dim': tok.token_dim, 'clip_denoised': tok.clip_denoised}
 
 
 # -----------------------------------------------------------------------------
@@ -423,6 +444,7 @@ SHAPE_CLASSES = ['disc', 'ring', 'square', 'frame', 'triangle', 'plus', 'cross',
 # saturated colours that the 3-bit palette represents exactly (up to the bin centre)
 COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
                         [255, 255, 255], [255, 128, 0], [128, 0, 255], [0, 128, 255]], dtype=torch.uint8)
+BUILT_IN = ('shapes', 'pairs')  # --data names of the datasets make_shapes draws
 
 
 def shape_masks(kind, cx, cy, r, size):
@@ -433,30 +455,19 @@ def shape_masks(kind, cx, cy, r, size):
     d2 = dx ** 2 + dy ** 2
     inside = (dx.abs() <= r) & (dy.abs() <= r)  # the bounding square of the shape
     arm = torch.clamp(r / 3, min=1.0)  # half-width of bars and rings
-    if kind == 'disc':
-        return d2 <= r ** 2
-    if kind == 'ring':
-        return (d2 <= r ** 2) & (d2 >= (r - 1.5 * arm) ** 2)
-    if kind == 'square':
-        return inside
-    if kind == 'frame':
-        return inside & ((dx.abs() > r - arm) | (dy.abs() > r - arm))
-    if kind == 'triangle':  # apex up, base at the bottom of the bounding square
-        return inside & (dx.abs() <= (dy + r) / 2)
-    if kind == 'plus':
-        return inside & ((dx.abs() <= arm / 1.5) | (dy.abs() <= arm / 1.5))
-    if kind == 'cross':
-        return inside & (((dx - dy).abs() <= arm) | ((dx + dy).abs() <= arm))
-    if kind == 'h_stripes':
-        return ((y // 2) % 2 == 0).expand_as(d2).clone()
-    if kind == 'v_stripes':  # columns 1-2, 5-6, ...: the mirror image (which training also sees) is the same
-        return (((x + 0.5) // 2) % 2 == 1).expand_as(d2).clone()
-    if kind == 'diamond':
-        return dx.abs() + dy.abs() <= r
-    raise ValueError(kind)
-
-
-BUILT_IN = ('shapes', 'pairs')  # --data names of the datasets make_shapes draws
+    masks = {
+        'disc': lambda: d2 <= r ** 2,
+        'ring': lambda: (d2 <= r ** 2) & (d2 >= (r - 1.5 * arm) ** 2),
+        'square': lambda: inside,
+        'frame': lambda: inside & ((dx.abs() > r - arm) | (dy.abs() > r - arm)),
+        'triangle': lambda: inside & (dx.abs() <= (dy + r) / 2),  # apex up, base at the bottom of the square
+        'plus': lambda: inside & ((dx.abs() <= arm / 1.5) | (dy.abs() <= arm / 1.5)),
+        'cross': lambda: inside & (((dx - dy).abs() <= arm) | ((dx + dy).abs() <= arm)),
+        'h_stripes': lambda: ((y // 2) % 2 == 0).expand_as(d2).clone(),
+        # columns 1-2, 5-6, ...: the mirror image (which training also sees) is the same
+        'v_stripes': lambda: (((x + 0.5) // 2) % 2 == 1).expand_as(d2).clone(),
+        'diamond': lambda: dx.abs() + dy.abs() <= r}
+    return masks[kind]()
 
 
 def make_shapes(num_images, size=16, seed=0, pairs=False):
@@ -483,11 +494,65 @@ def make_shapes(num_images, size=16, seed=0, pairs=False):
     return images[perm], labels[perm]
 
 
+class RandomTokens:
+    """A stand-in for an ImageNet token cache: random tokens in the cache's layout (2, 16, 16[, D]) for any row,
+    drawn from the row index, so that --bench and --dry_run run the paper's shapes without reading data."""
+
+    num_images, num_classes, grid_size = 1281167, 1000, 16  # ImageNet-1k train, 256x256 images as 16x16 tokens
+
+    def __init__(self, tokenizer):
+        self.meta = dict(tokenizer=tokenizer, image_size=self.grid_size * DOWNSAMPLING[tokenizer],
+                         grid_size=self.grid_size, num_classes=self.num_classes,
+                         classes=[str(k) for k in range(self.num_classes)], **token_meta(tokenizer))
+        dim = self.meta.get('token_dim', 0) * (2 if tokenizer == 'vae' else 1)  # the VAE cache keeps mean and logvar
+        self.shape = (2, self.grid_size, self.grid_size) + ((dim,) if dim else ())
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, rows):
+        rng = np.random.default_rng(int(rows[0]))
+        if 'vocab_size' in self.meta:
+            return rng.integers(self.meta['vocab_size'], size=(len(rows), *self.shape), dtype=np.uint16)
+        return rng.standard_normal((len(rows), *self.shape), dtype=np.float32).astype(np.float16)
+
+
+def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
+    """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
+    and its mirror, of the built-in data ('shapes', or the harder 'pairs', drawn and tokenized here), of random
+    tokens of the paper's shapes ('random', for --bench and --dry_run) or of a cache directory."""
+    if data == 'random':
+        tokens = RandomTokens(tokenizer)
+        return tokens, np.arange(len(tokens)) % tokens.num_classes, tokens.meta
+    if data in BUILT_IN:  # drawn at the size that gives a 16x16 token grid, pixels on the cube (exact colours)
+        if tokenizer not in ('pixel', 'pixel_patch'):
+            raise SystemExit(f"error: --data {data} is drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "
+                             f"cache an ImageFolder: python tokenizers.py cache --tokenizer {tokenizer} --ckpt ...")
+        tok = TOKENIZERS[tokenizer]()
+        image_size = 16 * DOWNSAMPLING[tokenizer]
+        images, labels = make_shapes(num_images, size=image_size, seed=seed, pairs=data == 'pairs')
+        meta = dict(tokenizer=tokenizer, image_size=image_size, grid_size=16, num_classes=len(SHAPE_CLASSES),
+                    classes=SHAPE_CLASSES, **token_meta(tokenizer))
+        return cache_array(encode_with_mirror(tok, images)), labels.numpy(), meta  # (M, 2, h, w[, D])
+    if not os.path.isdir(data):
+        raise SystemExit(f"error: --data {data}: no such directory; use --data shapes (built-in) or make a cache "
+                         f"with `python tokenizers.py cache --data IMAGEFOLDER --out {data}`")
+    meta = read_meta(data)
+    if meta is None:  # often the image folder itself: its cache belongs next to it, not inside
+        out = os.path.normpath(data) + '_cache'
+        raise SystemExit(f"error: --data {data}: not a cache (no meta.json); if it is an image folder "
+                         f"(DIR/<class>/<image>), cache it first with `python tokenizers.py cache --data {data} "
+                         f"--out {out}` and train with --data {out}; or use --data shapes")
+    tokens = TokenCache(data, meta)
+    return tokens, tokens.labels, meta
+
+
 # -----------------------------------------------------------------------------
 # ImageFolder reading and the token cache
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
-CACHE_FILE = re.compile(r'meta\.json|(tokens|labels)_\d{5}\.npy')  # what cache() writes in --out (and its .tmp)
+CACHE_FILE = re.compile(r'meta\.json|(tokens|labels)_\d{5}\.npy')  # what cache() writes in --out
+PALETTE_IMAGES, PALETTE_PIXELS = 1000, 1000  # a palette is fitted on up to 1000 pixels of up to 1000 images
 
 
 def center_crop_arr(pil_image, image_size):
@@ -546,13 +611,6 @@ def files_sha256(root, paths):
     return h.hexdigest()[:16]  # 64 bits: enough to tell two file lists apart
 
 
-def token_meta(tokenizer):
-    """What the model needs to know of the tokens: a vocabulary (discrete) or a dimension (continuous)."""
-    if hasattr(tokenizer, 'vocab_size'):
-        return {'vocab_size': tokenizer.vocab_size}
-    return {'token_dim': tokenizer.token_dim, 'clip_denoised': tokenizer.clip_denoised}
-
-
 def encode_with_mirror(tokenizer, images):
     """What the cache keeps of uint8 images (B, H, W, 3) and of their horizontal mirrors, (B, 2, h, w[, D]):
     MAR caches both and training picks one at random. One encoder call for the two."""
@@ -583,110 +641,125 @@ class ImageFiles(torch.utils.data.Dataset):
             return None, self.labels[i], f"{self.paths[i]}: {e}"
 
 
-def check_cache_args(args):
-    """Flags that cannot work fail here, in one line, before anything is read or written."""
-    m, errors = DOWNSAMPLING[args.tokenizer], []
-    if args.image_size < 1 or args.image_size % m:
-        errors.append(f"--image_size {args.image_size} must be positive" + (
-            f" and a multiple of {m} (one {args.tokenizer} token covers {m}x{m} pixels)" if m > 1 else ""))
-    if args.ckpt and args.tokenizer not in RECONSTRUCTION_TOKENIZERS:
-        errors.append(f"--ckpt is for --tokenizer vq or vae; --tokenizer {args.tokenizer} has no weights")
-    if args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
-        errors.append("--batch_size and --shard_size must be at least 1, --workers at least 0")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        errors.append(f"--out {args.out} is a file, not a directory")
-    if args.rebuild and int(os.environ.get('WORLD_SIZE', 1)) > 1:  # rank 0 would delete what the others write
-        errors.append(f"--rebuild under torchrun: delete {args.out} yourself and run again without --rebuild")
-    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
-    if out != data and os.path.commonpath([data, out]) == data:  # the cache would be read as a class folder
-        errors.append(f"--out {args.out} is inside --data; put it next to the images, e.g. --out {data}_cache")
-    if errors:
-        raise SystemExit("error: " + "; ".join(errors))
-
-
-def start_cache(out, meta, rebuild, rank):
-    """Begin a cache in `out`, or continue one that the same arguments and files began (same meta.json); refuse
-    any other in one line. --rebuild deletes it first (one process only: check_cache_args)."""
-    ours = [f for f in os.listdir(out) if CACHE_FILE.fullmatch(f.removesuffix('.tmp'))] if os.path.isdir(out) else []
-    if not rebuild and any(not f.endswith('.tmp') for f in ours):
-        old = read_meta(out) or {}
-        differ = [f"{k} {old.get(k)} -> {meta.get(k)}" if len(f"{old.get(k)}{meta.get(k)}") < 200 else k
-                  for k in dict.fromkeys([*meta, *old]) if old.get(k) != meta.get(k)]  # keys of both, in order
-        if differ:
-            raise SystemExit(f"error: --out {out} holds a cache made from other arguments or files "
-                             f"({', '.join(differ)}); write to another --out, or add --rebuild to encode it afresh")
-        return
-    os.makedirs(out, exist_ok=True)
-    if rank == 0:
-        for f in ours:
-            os.remove(os.path.join(out, f))
-        with open(os.path.join(out, 'meta.json.tmp'), 'w') as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(out, 'meta.json.tmp'), os.path.join(out, 'meta.json'))
-
-
 def cache(args):
     """Tokenize an ImageFolder into CACHE/meta.json and shards of (images, 2, h, w[, D]) tokens, each image
     and its horizontal flip (MAR caches both; training picks one at random), and their labels.
-    Under torchrun, rank r encodes shards r, r + world, ...; a shard is written to a temporary file and
-    renamed, so a killed run continues where it stopped; a finished shard is rewritten only if unreadable (or
-    with --rebuild, which starts afresh)."""
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    Under torchrun, rank 0 holds the folder (CACHE/.lock) and writes meta.json (with a fitted palette) before any
+    rank writes a shard; rank r encodes shards r, r + world, ... A shard is written to a temporary file and renamed,
+    so a killed run continues where it stopped, with any number of processes; a finished shard is rewritten only
+    if unreadable (or with --rebuild, which starts afresh)."""
     check_cache_args(args)
+    ddp, rank, world = setup_distributed()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
     paths, labels, classes = list_image_folder(args.data)
-    tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device)
-    num_shards = math.ceil(len(paths) / args.shard_size)
     # everything that decides what the shards hold, so that a rerun continues only the same cache
     meta = dict(tokenizer=args.tokenizer, ckpt=args.ckpt and os.path.abspath(args.ckpt), image_size=args.image_size,
                 grid_size=args.image_size // DOWNSAMPLING[args.tokenizer], num_classes=len(classes),
-                classes=classes, num_shards=num_shards, shard_size=args.shard_size, num_files=len(paths),
-                files_sha256=files_sha256(args.data, paths), **token_meta(tokenizer))
-    start_cache(args.out, meta, args.rebuild, rank)
-    t0, done = time.time(), 0
-    for k in range(rank, num_shards, world):
-        if not args.rebuild and os.path.exists(shard_path(args.out, k, 'labels')):  # written last: marks it done
+                classes=classes, num_shards=math.ceil(len(paths) / args.shard_size), shard_size=args.shard_size,
+                num_files=len(paths), files_sha256=files_sha256(args.data, paths),
+                **(dict(palette=args.palette, palette_size=args.palette_size) if args.tokenizer == 'pixel' else {}))
+    make_folder(args.out, '--out')
+    with hold_lock(args.out, 'tokenizers.py cache') if rank == 0 else contextlib.nullcontext():
+        error = None
+        if rank == 0:
             try:
-                read_shard(args.out, k)
-                continue  # finished by an earlier run
-            except ValueError as e:  # cut short or missing its tokens: encoded again
-                print(f"re-encoding shard {k}: {e}", file=sys.stderr)
-        part = slice(k * args.shard_size, (k + 1) * args.shard_size)
-        loader = torch.utils.data.DataLoader(ImageFiles(paths[part], labels[part], args.image_size), args.batch_size,
-                                             num_workers=args.workers, collate_fn=list)  # keeps None
-        # an empty batch first gives a shard whose files are all unreadable its shape (0, 2, h, w[, D])
-        none = torch.zeros(0, args.image_size, args.image_size, 3, dtype=torch.uint8)
-        tokens, kept = [cache_array(encode_with_mirror(tokenizer, none))], []
-        for i, batch in enumerate(loader):
-            for image, _, what in batch:
-                if image is None:
-                    print(f"skipping {what}", file=sys.stderr)
-            batch = [b for b in batch if b[0] is not None]
-            if batch:
-                images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
-                tokens.append(cache_array(encode_with_mirror(tokenizer, images)))  # (B, 2, h, w[, D])
-                kept += [b[1] for b in batch]
-            done += len(batch)
-            if i % 20 == 0 or i == len(loader) - 1:
-                print(f"rank {rank}: shard {k + 1}/{num_shards}, {done} images, "
-                      f"{done / (time.time() - t0):.1f} images/s", flush=True)
-        save_atomic(shard_path(args.out, k, 'tokens'), np.concatenate(tokens))
-        save_atomic(shard_path(args.out, k, 'labels'), np.array(kept, dtype=np.int64))  # last: marks it done
-    if all(os.path.exists(shard_path(args.out, k, 'labels')) for k in range(num_shards)):
-        n = len(TokenCache(args.out, meta))  # the checks training makes, so that a cache it would refuse fails here
-        print(f"rank {rank}: cache {args.out} complete: {n} images of {len(classes)} classes")
-    else:
-        print(f"rank {rank}: cache {args.out}: this rank's shards are done, the other ranks' not yet")
+                start_cache(args, meta, paths, labels)
+            except SystemExit as e:  # the other ranks stop with the same line
+                error = str(e.code)
+        if ddp:
+            error = [error]
+            dist.broadcast_object_list(error)
+            error = error[0]
+        if error:
+            raise SystemExit(error)
+        meta = read_meta(args.out)  # with the palette
+        tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device, meta.get('colours'))
+        for k in range(rank, meta['num_shards'], world):
+            encode_shard(args, k, tokenizer, paths, labels)
+        if ddp:
+            dist.barrier()  # every rank's shards are written
+        if rank == 0:
+            n = len(TokenCache(args.out, meta))  # the checks training makes, so that a cache it would refuse fails here
+            print(f"cache {args.out} complete: {n} images of {len(classes)} classes")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def start_cache(args, meta, paths, labels):
+    """Rank 0, before any shard: continue a cache that the same arguments and files began (same meta.json, whose
+    fitted palette it keeps), or begin one, fitting the palette and writing meta.json; refuse any other cache in one
+    line. --rebuild deletes it first."""
+    out, fitted = args.out, ('colours', 'vocab_size')  # what fitting the palette adds to meta
+    ours = [f for f in os.listdir(out) if CACHE_FILE.fullmatch(f.split('.', 1)[0] + '.' + f.split('.')[1])]
+    old = read_meta(out)
+    if ours and not args.rebuild:
+        differ = [f"{k} {old.get(k)} -> {meta.get(k)}" if len(f"{old.get(k)}{meta.get(k)}") < 200 else k
+                  for k in dict.fromkeys([*meta, *(old or {})]) if k not in fitted and (old or {}).get(k) != meta.get(k)]
+        if old is None or differ:
+            raise SystemExit(f"error: --out {out} holds a cache made from other arguments or files "
+                             f"({', '.join(differ or ['no meta.json'])}); write to another --out, or add --rebuild "
+                             f"to encode it afresh")
+        return
+    for f in ours:
+        os.remove(os.path.join(out, f))
+    if meta.get('palette') == 'fit':
+        t0 = time.time()
+        meta['colours'] = palette_of(paths, labels, args.image_size, args.palette_size).tolist()
+        print(f"palette: {len(meta['colours'])} colours fitted in {time.time() - t0:.0f}s", flush=True)
+    meta.update(token_meta(args.tokenizer, meta.get('colours')))
+    write_atomic(os.path.join(out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def palette_of(paths, labels, image_size, size):
+    """fit_palette on up to PALETTE_PIXELS pixels of each of up to PALETTE_IMAGES images, drawn with a fixed seed."""
+    rng = np.random.default_rng(0)
+    files = ImageFiles(paths, labels, image_size)
+    pixels = []
+    for i in rng.permutation(len(paths))[:PALETTE_IMAGES]:
+        image = files[i][0]
+        if image is not None:  # unreadable files are reported when encoded
+            image = image.reshape(-1, 3)
+            pixels.append(image[rng.permutation(len(image))[:PALETTE_PIXELS]])
+    return fit_palette(np.concatenate(pixels), size)
+
+
+def encode_shard(args, k, tokenizer, paths, labels):
+    """Write shard k: its images' tokens, then their labels (last: marks it done). A shard already done is kept
+    unless unreadable or --rebuild (start_cache then removed it)."""
+    if os.path.exists(shard_path(args.out, k, 'labels')):  # written last: marks it done
+        try:
+            read_shard(args.out, k)
+            return  # finished by an earlier run
+        except ValueError as e:  # cut short or missing its tokens: encoded again
+            print(f"re-encoding shard {k}: {e}", file=sys.stderr)
+    part = slice(k * args.shard_size, (k + 1) * args.shard_size)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths[part], labels[part], args.image_size), args.batch_size,
+                                         num_workers=args.workers, collate_fn=list)  # keeps None
+    # an empty batch first gives a shard whose files are all unreadable its shape (0, 2, h, w[, D])
+    none = torch.zeros(0, args.image_size, args.image_size, 3, dtype=torch.uint8)
+    tokens, kept, t0 = [cache_array(encode_with_mirror(tokenizer, none))], [], time.time()
+    for i, batch in enumerate(loader):
+        for image, _, what in batch:
+            if image is None:
+                print(f"skipping {what}", file=sys.stderr)
+        batch = [b for b in batch if b[0] is not None]
+        if batch:
+            images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
+            tokens.append(cache_array(encode_with_mirror(tokenizer, images)))  # (B, 2, h, w[, D])
+            kept += [b[1] for b in batch]
+        if i % 20 == 0 or i == len(loader) - 1:
+            print(f"shard {k + 1}/{math.ceil(len(paths) / args.shard_size)}: {len(kept)} images, "
+                  f"{len(kept) / (time.time() - t0):.1f} images/s", flush=True)
+    save_array(shard_path(args.out, k, 'tokens'), np.concatenate(tokens))
+    save_array(shard_path(args.out, k, 'labels'), np.array(kept, dtype=np.int64))  # last: marks it done
 
 
 def shard_path(out, k, what):
     return os.path.join(out, f'{what}_{k:05d}.npy')
 
 
-def save_atomic(path, array):
-    with open(path + '.tmp', 'wb') as f:
-        np.save(f, array)
-    os.replace(path + '.tmp', path)
+def save_array(path, array):
+    write_atomic(path, lambda f: np.save(f, array), 'rerun the same command to continue the cache')
 
 
 def read_shard(out, k):
@@ -750,30 +823,6 @@ class TokenCache:
         return np.concatenate([self.shards[k][rows[shard == k] - self.offsets[k]] for k in np.unique(shard)])
 
 
-class RandomTokens:
-    """A stand-in for an ImageNet token cache: random tokens in the cache's layout (2, 16, 16[, D]) for any row,
-    drawn from the row index, so that --bench and --dry_run run the paper's shapes without reading data."""
-
-    num_images, num_classes, grid_size = 1281167, 1000, 16  # ImageNet-1k train, 256x256 images as 16x16 tokens
-
-    def __init__(self, tokenizer):
-        tok = TOKENIZERS[tokenizer] if tokenizer in ('vq', 'vae') else TOKENIZERS[tokenizer]()  # vq/vae: no weights
-        self.meta = dict(tokenizer=tokenizer, image_size=self.grid_size * DOWNSAMPLING[tokenizer],
-                         grid_size=self.grid_size, num_classes=self.num_classes,
-                         classes=[str(k) for k in range(self.num_classes)], **token_meta(tok))
-        dim = self.meta.get('token_dim', 0) * (2 if tokenizer == 'vae' else 1)  # the VAE cache keeps mean and logvar
-        self.shape = (2, self.grid_size, self.grid_size) + ((dim,) if dim else ())
-
-    def __len__(self):
-        return self.num_images
-
-    def __getitem__(self, rows):
-        rng = np.random.default_rng(int(rows[0]))
-        if 'vocab_size' in self.meta:
-            return rng.integers(self.meta['vocab_size'], size=(len(rows), *self.shape), dtype=np.uint16)
-        return rng.standard_normal((len(rows), *self.shape), dtype=np.float32).astype(np.float16)
-
-
 def read_meta(path):
     """CACHE/meta.json as a dict, None if there is none."""
     if os.path.isfile(os.path.join(path, 'meta.json')):
@@ -781,35 +830,158 @@ def read_meta(path):
             return json.load(f)
 
 
-def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
-    """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
-    and its mirror, of the built-in data ('shapes', or the harder 'pairs', drawn and tokenized here), of random
-    tokens of the paper's shapes ('random', for --bench and --dry_run) or of a cache directory."""
-    if data == 'random':
-        tokens = RandomTokens(tokenizer)
-        return tokens, np.arange(len(tokens)) % tokens.num_classes, tokens.meta
-    if data in BUILT_IN:  # drawn at the size that gives a 16x16 token grid
-        if tokenizer not in ('pixel', 'pixel_patch'):
-            raise SystemExit(f"error: --data {data} is drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "
-                             f"cache an ImageFolder: python tokenizers.py cache --tokenizer {tokenizer} --ckpt ...")
-        tok = TOKENIZERS[tokenizer]()
-        image_size = 16 * DOWNSAMPLING[tokenizer]
-        images, labels = make_shapes(num_images, size=image_size, seed=seed, pairs=data == 'pairs')
-        tokens = encode_with_mirror(tok, images)  # (M, 2, h, w[, D])
-        meta = dict(tokenizer=tokenizer, image_size=image_size, grid_size=16, num_classes=len(SHAPE_CLASSES),
-                    classes=SHAPE_CLASSES, **token_meta(tok))
-        return cache_array(tokens), labels.numpy(), meta
-    if not os.path.isdir(data):
-        raise SystemExit(f"error: --data {data}: no such directory; use --data shapes (built-in) or make a cache "
-                         f"with `python tokenizers.py cache --data IMAGEFOLDER --out {data}`")
-    meta = read_meta(data)
-    if meta is None:  # often the image folder itself: its cache belongs next to it, not inside
-        out = os.path.normpath(data) + '_cache'
-        raise SystemExit(f"error: --data {data}: not a cache (no meta.json); if it is an image folder "
-                         f"(DIR/<class>/<image>), cache it first with `python tokenizers.py cache --data {data} "
-                         f"--out {out}` and train with --data {out}; or use --data shapes")
-    tokens = TokenCache(data, meta)
-    return tokens, tokens.labels, meta
+def setup_distributed():
+    """(ddp, rank, world_size) under torchrun, with a gloo process group for the start and end barriers; a single
+    process otherwise."""
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return False, 0, 1
+    if 'MASTER_ADDR' not in os.environ:
+        raise SystemExit("error: WORLD_SIZE > 1 without MASTER_ADDR: start several processes with torchrun")
+    dist.init_process_group(backend='gloo')
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+# -----------------------------------------------------------------------------
+# Files and reports every script shares: one home each
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the module docstring's usage lines as written, and each flag's default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def one_line(e):
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def write_atomic(path, write, advice=''):
+    """write(f) into a temporary file beside path, then rename it to path: the file is written whole or not at all,
+    and what path held before stays until then. A disk error (full, read-only, no permission) stops in one line
+    naming the path, leaving no partial file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"error: writing {path}: {e.strerror or e}{'; ' + advice if advice else ''}") from None
+        raise
+
+
+def make_folder(path, flag):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot write there ({e.strerror or e}); choose another") from None
+
+
+@contextlib.contextmanager
+def hold_lock(folder, what):
+    """Hold folder/.lock while the block runs, so that a second process cannot write into the same folder; the OS
+    releases it when the process ends, even when killed (fcntl.flock), so no stale lock is left behind."""
+    try:
+        f = open(os.path.join(folder, '.lock'), 'a')
+    except OSError as e:
+        raise SystemExit(f"error: {folder}: cannot write there ({e.strerror or e}); choose another folder") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"error: {folder} is in use by another running {what}; wait for it to end, or choose "
+                         f"another folder") from None
+    try:
+        yield
+    finally:
+        f.close()
+
+
+def read_torch(path, what, advice='', device='cpu'):
+    """torch.load(path) without unpickling Python objects (weights_only), or one error line naming the file. The one
+    reader of checkpoints and weight files; `what` names the kind of file, advice says what was expected."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such file{advice}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for files it cannot read
+        if 'Unsupported global' in str(e):  # e.g. the argparse Namespace 'args' that LlamaGen's vq_train.py saves
+            slim = f"torch.save({{'model': torch.load('{path}', weights_only=False)['model']}}, 'slim.pt')"
+            raise SystemExit(f"error: {path}: holds pickled Python objects besides tensors; if you trust the file, "
+                             f"keep only its weights with: python -c \"import torch; {slim}\"") from None
+        raise SystemExit(f"error: {path}: not a readable {what} ({type(e).__name__}){advice}") from None
+
+
+def load_weights(model, state, path, what, damaged="the run that wrote them diverged; use an earlier checkpoint "
+                 "(out_dir/ckpt_STEP.pt)"):
+    """Load the state dict `state`, read from the file `path`, into `model` strictly, or stop in one `error:` line
+    naming the file, `what` it holds (e.g. "its 'ema' weights") and the first missing, unexpected, wrongly shaped
+    or non-finite entries (then `damaged` says what to do). For checkpoints and the released tokenizers alike."""
+    own, state = model.state_dict(), state if isinstance(state, dict) else {}
+
+    def shape(v):
+        return tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+
+    def some(keys, kind):
+        return f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+    problems = [some(keys, kind) for kind, keys in [
+        ('missing', [k for k in own if k not in state]), ('unexpected', [k for k in state if k not in own]),
+        ('wrongly shaped', [f"{k}: {shape(v)} in the file, {shape(own[k])} in the model" for k, v in state.items()
+                            if k in own and shape(v) != shape(own[k])])] if keys]
+    if problems:
+        raise SystemExit(f"error: {path}: {what} do not fit the model: {'; '.join(problems)}")
+    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
+    if bad:
+        raise SystemExit(f"error: {path}: {what} hold NaN or inf in {some(bad, 'of their tensors')}: {damaged}")
+    model.load_state_dict(state)
+    return model
+
+
+# dense bf16 peak of one GPU in TFLOP/s, from the vendors' data sheets; the first name found in the device's wins
+PEAK_TFLOPS = {'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312}
+
+
+def mfu(flops_per_second, device, peak_tflops=None):
+    """Model FLOPs utilisation: the fraction of the device's peak bf16 FLOP/s, None where it is unknown (CPUs)."""
+    name = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else ''
+    peak = next((t for n, t in PEAK_TFLOPS.items() if n in name), peak_tflops)
+    return peak and flops_per_second / (peak * 1e12)
+
+
+def percent(x):
+    return '-' if x is None else f"{100 * x:.1f}%"
+
+
+def peak_memory(device):
+    if str(device).startswith('cuda'):
+        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB (process RSS)"  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+def check_cache_args(args):
+    """Flags that cannot work fail here, in one line, before anything is read or written."""
+    m, errors = DOWNSAMPLING[args.tokenizer], []
+    if args.image_size < 1 or args.image_size % m:
+        errors.append(f"--image_size {args.image_size} must be positive" + (
+            f" and a multiple of {m} (one {args.tokenizer} token covers {m}x{m} pixels)" if m > 1 else ""))
+    if args.ckpt and args.tokenizer not in RECONSTRUCTION_TOKENIZERS:
+        errors.append(f"--ckpt is for --tokenizer vq or vae; --tokenizer {args.tokenizer} has no weights")
+    if args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
+        errors.append("--batch_size and --shard_size must be at least 1, --workers at least 0")
+    if not 2 <= args.palette_size <= 65536:  # the cache stores ids as uint16
+        errors.append(f"--palette_size {args.palette_size} must be in [2, 65536]")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        errors.append(f"--out {args.out} is a file, not a directory")
+    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
+    if out != data and os.path.commonpath([data, out]) == data:  # the cache would be read as a class folder
+        errors.append(f"--out {args.out} is inside --data; put it next to the images, e.g. --out {data}_cache")
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
 
 
 def get_parser():
@@ -817,7 +989,11 @@ def get_parser():
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('cache', help='tokenize an ImageFolder into a cache directory')
     p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
-                   help="pixel: 512 colour ids; pixel_patch: 2x2 patches as 12-d vectors; vq, vae: the paper's")
+                   help="pixel: palette ids; pixel_patch: 2x2 patches as 12-d vectors; vq, vae: the paper's")
+    p.add_argument('--palette', default='fit', choices=['fit', 'cube'],
+                   help="pixel: fit: the data's colours, k-means (iGPT) when there are more than --palette_size; "
+                        "cube: the fixed 3 bits per channel")
+    p.add_argument('--palette_size', type=int, default=512, help='pixel, fit: at most this many colours (iGPT: 512)')
     p.add_argument('--ckpt', default=None, help='released weights of vq (vq_ds16_c2i.pt) or vae (kl16.ckpt)')
     p.add_argument('--data', required=True, help='ImageFolder root: DIR/<class>/<image>')
     p.add_argument('--image_size', type=int, default=16, help='centre crop size (the paper: 256); grid = size / 16 '

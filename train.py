@@ -1,27 +1,26 @@
 r"""
-Train Heptapod: next 2D distribution prediction (or a 1D baseline of Table 1) on cached tokens.
+Train Heptapod (heads.Heptapod): next 2D distribution prediction, or a 1D baseline of Table 1, on cached tokens.
 
     python train.py                                   # tiny model, built-in shapes, about 4 minutes on a CPU
     python train.py --tokenizer pixel_patch --max_steps 2600   # continuous tokens and the diffusion MLP
     torchrun --nproc_per_node=8 train.py --data CACHE --tokenizer vae --size H --head global --density 1 \
         --global_batch_size 2048 --epochs 800 --warmup_epochs 100   # the paper's Heptapod-H
-    python train.py --data CACHE --tokenizer vae --size L --batch_size 64 --bench   # throughput and MFU
+    python train.py --data random --tokenizer vae --size L --batch_size 64 --bench   # throughput and MFU
     ... --eval_every 50000 --fid_ref VIRTUAL_imagenet256_labeled.npz   # FID/IS of 5000 EMA samples, as MAR
     python train.py --eval_every 650 --eval_images 500   # small data: Frechet distance in a PCA space, class accuracy
 
-Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end), out_dir/log.jsonl and
-out_dir/samples.png. Every random draw of step s (generation orders, supervised prefixes, which mirror
-of each image, diffusion noise) comes from a generator seeded by (seed, s, micro-batch), so the run is
-the same on any number of GPUs and resumes exactly from the step stored in the checkpoint.
+Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end), out_dir/log.jsonl and out_dir/samples.png;
+an out_dir belongs to one run (--resume continues it, --overwrite replaces it). Every random draw of step s
+(generation orders, supervised prefixes, which mirror of each image, diffusion noise) comes from a generator
+seeded by (seed, s, micro-batch), so the run is the same on any number of GPUs and resumes exactly.
 """
 import argparse
+import contextlib
 import functools
 import glob
 import json
 import math
 import os
-import resource
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +31,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from heads import Heptapod, saved_config, sample_prefix_lens
-from model import SIZES, load_weights, make_orders
-from sample import PEAK_TFLOPS, decode, generate, init_distributed, peak_flops, save_grid
-from tokenizers import BUILT_IN, DOWNSAMPLING, TOKENIZERS, HelpFormatter, load_dataset, make_tokenizer
+from heads import Heptapod, sample_prefix_lens
+from model import SIZES, make_orders
+from sample import CUDAGraphs, check_checkpoint, decode, generate, save_grid
+from tokenizers import (BUILT_IN, DOWNSAMPLING, TOKENIZERS, HelpFormatter, PEAK_TFLOPS, hold_lock, load_dataset,
+                        load_weights, make_folder, make_tokenizer, mfu, peak_memory, percent, read_torch, write_atomic)
 
 
 def print0(*a, **kw):
@@ -112,87 +112,185 @@ def read_rows(tokens, rows):
     return torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
 
 
+def micro_batch(x, y, args, step, gen, N, num_classes):
+    """A micro-batch's inputs, every draw from gen: each image or its mirror (MAR), the 'no class' label for
+    --class_dropout, the generation orders (B, N) and the supervised prefix lengths (B, n)."""
+    B = len(y)
+    flip = torch.randint(2, (B,), generator=gen, device=x.device) * args.flip  # the image or its mirror (MAR)
+    idx = TOKENIZERS[args.tokenizer].from_cache(x[torch.arange(B, device=x.device), flip], gen)
+    if args.class_dropout > 0:  # train the 'no class' token for CFG (our comparison run; off in the paper)
+        y = torch.where(torch.rand(B, generator=gen, device=x.device) < args.class_dropout, num_classes, y)
+    orders = make_orders(B, N, args.order, gen, rar_prob(step, args))  # (B, N)
+    return idx, y, orders, sample_prefix_lens(B, args.density, N, gen)
+
+
 def micro_generator(seed, step, micro, device):
     """The generator of micro-batch `micro` (counted over all ranks) of `step`."""
     return torch.Generator(device).manual_seed(hash((seed, step, micro)) % 2 ** 62)
 
 
-# flags whose value must be at least a bound (0 where 0 means 'none' or 'off'), checked before anything is built
-AT_LEAST = dict(batch_size=1, global_batch_size=1, max_steps=1, epochs=1e-9, warmup_steps=0, warmup_epochs=0,
-                lr=1e-12, weight_decay=0, grad_clip=1e-12, depth=1, head_depth=1, window=1, num_samples=0,
-                temperature=1e-12, eval_every=0, eval_images=1, eval_batch_size=1, log_interval=1, ckpt_interval=1,
-                keep_last=1, bench_warmup=0, bench_steps=1, npp_levels=1, npp_lambda=1e-12)
-
-
-def check_args(args, meta, world_size):
-    """Flag combinations that cannot work fail here, in one line, before anything is built."""
-    N = meta['grid_size'] ** 2
-    errors = [f"--{k} {getattr(args, k)} must be {'positive' if lo and lo < 1 else f'at least {lo}'}"
-              for k, lo in AT_LEAST.items() if getattr(args, k) is not None and getattr(args, k) < lo]
-    if errors:  # the checks below assume sane values
-        raise SystemExit("error: " + "; ".join(errors))
-    if not 1 <= args.density <= N:
-        errors.append(f"--density {args.density} must be in [1, {N}] (the number of grid positions)")
-    if args.head == 'linear' and args.density != 1:
-        errors.append("--density applies to the 2D heads; --head linear scores every step already")
-    s = math.isqrt(args.window)
-    if s * s != args.window or meta['grid_size'] % s:
-        errors.append(f"--window {args.window} does not tile the {meta['grid_size']}x{meta['grid_size']} grid "
-                      f"(use s*s with s dividing {meta['grid_size']}, e.g. 16, 64, {N})")
-    if args.head == 'global' and args.window != N:
-        errors.append(f"--head global predicts the whole grid (window {N}); use --head local for --window {args.window}")
-    if args.head == 'linear' and args.window != N:
-        errors.append("--window applies to the 2D heads; --head linear predicts one token")
-    if args.head != 'linear' and args.target_position:
-        errors.append("--target_position applies to the 1D models (--head linear); the 2D ones are never told "
-                      "their next position")
-    if args.order == 'rar' and args.head != 'linear':
-        errors.append("--order rar trains a 1D model (RAR): use it with --head linear")
-    if args.npp_levels > 1 and (args.head != 'linear' or args.order != 'raster' or meta.get('token_dim')):
-        errors.append("--npp_levels > 1 (next-patch prediction) is for the 1D raster model of discrete tokens: "
-                      "use --head linear --order raster with a discrete tokenizer")
-    if args.npp_levels > 1 and meta['grid_size'] % 2 ** (args.npp_levels - 1):
-        errors.append(f"--npp_levels {args.npp_levels}: patches of {2 ** (args.npp_levels - 1)} do not tile the "
-                      f"{meta['grid_size']}x{meta['grid_size']} grid")
-    if not 0 <= args.anneal_start < args.anneal_end <= 1:
-        errors.append("--anneal_start and --anneal_end must satisfy 0 <= start < end <= 1")
-    if args.head == 'local' and args.order != 'random':
-        errors.append("--head local predicts the chunk of a randomly drawn next position: use --order random "
-                      "(or --head linear --order raster for the 1D-raster baseline)")
-    for k in ('class_dropout', 'ema', 'beta1', 'beta2'):
-        if not 0 <= getattr(args, k) < 1:
-            errors.append(f"--{k} {getattr(args, k)} must be in [0, 1)")
-    if meta['tokenizer'] != args.tokenizer:  # a cache's tokens say which tokenizer they are
-        errors.append(f"--data {args.data} holds '{meta['tokenizer']}' tokens; drop --tokenizer {args.tokenizer}, "
-                      f"it only chooses how the built-in data is tokenized")
-    if args.global_batch_size % (args.batch_size * world_size):
-        errors.append(f"--global_batch_size {args.global_batch_size} is not a multiple of --batch_size "
-                      f"{args.batch_size} x {world_size} processes")
-    if args.global_batch_size > meta['num_images']:
-        errors.append(f"--global_batch_size {args.global_batch_size} is more than the {meta['num_images']} images "
-                      f"of --data")
-    size = meta['grid_size'] * DOWNSAMPLING[meta['tokenizer']]
-    if args.eval_every and not args.fid_ref and size > 64:
-        errors.append(f"--eval_every on {size}x{size} images needs --fid_ref: the small-image metric works on the "
-                      f"pixels of images up to 64x64")
-    if args.eval_every and args.eval_images < max(10 if args.fid_ref else 2, world_size):
-        errors.append(f"--eval_images {args.eval_images}: at least {10 if args.fid_ref else 2} (the IS splits, "
-                      f"a covariance) and one per process")
-    if errors:
-        raise SystemExit("error: " + "; ".join(errors))
+def build(args, meta, device):
+    """The model (config from the data and the flags), its fp32 EMA and AdamW (no weight decay on vectors and on the
+    diffusion MLP, as MAR's add_weight_decay)."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth is not None else {}))
+    config = dict(vocab_size=meta.get('vocab_size', 0), token_dim=meta.get('token_dim', 0),
+                  clip_denoised=meta.get('clip_denoised', False), num_classes=meta['num_classes'],
+                  grid_size=meta['grid_size'], head=args.head, head_depth=args.head_depth,
+                  window=args.window if args.head == 'local' else None, target_position=args.target_position,
+                  init=args.init, **size)
+    if not config['token_dim']:  # discrete tokens: no diffusion MLP
+        config.update(diffusion_width=None, diffusion_depth=None)
+    model = Heptapod(**config).to(device)
+    ema = Heptapod(**model.config).to(device).requires_grad_(False)  # fp32, like the weights it averages
+    ema.load_state_dict(model.state_dict())
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or n.startswith('token_head.net') else decay).append(p)
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
+                                   {'params': no_decay, 'weight_decay': 0.0}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=device.startswith('cuda'))
+    for m in model.modules() if args.grad_checkpointing else ():
+        m.grad_checkpointing = True  # read by model.run_block for every block
+    return model, ema, optimizer
 
 
 def dry_run(model, args):
     """Print the resolved configuration, the parameters of each part and the training FLOPs per image."""
     print0('configuration: ' + ' '.join(f'--{k} {v}' for k, v in vars(args).items()))
-    parts = {'backbone': model.transformer, 'head': model.head, 'token head': model.token_head}
-    for name, part in parts.items():
+    for name, part in {'backbone': model.transformer, 'head': model.head, 'token head': model.token_head}.items():
         print0(f"parameters {name:<10} {0 if part is None else sum(p.numel() for p in part.parameters()):>14,}")
     print0(f"parameters {'total':<10} {sum(p.numel() for p in model.parameters()):>14,}")
     flops = model.flops_per_image(args.density)
-    for name, f in flops.items():
+    for name, f in dict(flops, total=sum(flops.values())).items():
         print0(f"training FLOPs per image, {name:<10} {f / 1e9:10.2f} GFLOP")
-    print0(f"training FLOPs per image, {'total':<10} {sum(flops.values()) / 1e9:10.2f} GFLOP")
+
+
+# -----------------------------------------------------------------------------
+# The run's folder: one run's checkpoints and log, held by one process
+
+
+@contextlib.contextmanager
+def claim_out_dir(args):
+    """While the block runs, --out_dir belongs to this run: made and checked writable now (not after minutes of
+    training), locked against a second process, and holding no other run's checkpoints or log unless --resume
+    continues them or --overwrite deletes them."""
+    make_folder(args.out_dir, '--out_dir')
+    try:
+        with tempfile.TemporaryFile(dir=args.out_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {args.out_dir}: cannot write there ({e.strerror or e}); choose another")
+    with hold_lock(args.out_dir, 'train.py'):
+        for tmp in glob.glob(os.path.join(args.out_dir, '*.tmp')):  # of a run killed while writing
+            os.remove(tmp)
+        theirs = sorted(glob.glob(os.path.join(args.out_dir, 'ckpt*.pt')) + [
+            p for p in (os.path.join(args.out_dir, f) for f in ('log.jsonl', 'samples.png')) if os.path.isfile(p)])
+        if theirs and not args.resume:
+            if not args.overwrite:
+                raise SystemExit(f"error: --out_dir {args.out_dir} holds another run "
+                                 f"({', '.join(map(os.path.basename, theirs[:4]))}); add --resume to continue it, "
+                                 f"--overwrite to delete it and start afresh, or choose another --out_dir")
+            for p in theirs:
+                os.remove(p)
+        yield
+
+
+def save_checkpoint(ckpt, out_dir, keep_last):
+    """Write out_dir/ckpt_STEP.pt whole or not at all, point out_dir/ckpt.pt at it (a hard link, replaced
+    atomically) and keep the newest keep_last. Returns the path written."""
+    path, latest = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt"), os.path.join(out_dir, 'ckpt.pt')
+    advice = f"the previous checkpoints in {out_dir} are kept (free space, then --resume)"
+    write_atomic(path, lambda f: torch.save(ckpt, f), advice)
+    try:
+        os.link(path, latest + '.tmp')
+        os.replace(latest + '.tmp', latest)
+    except OSError:  # a file system without hard links
+        write_atomic(latest, lambda f: f.write(open(path, 'rb').read()), advice)
+    for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')))[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def resume(args, model, ema, optimizer, master):
+    """Continue from the newest readable checkpoint of out_dir (ckpt.pt, or when a crash or a full disk has left it
+    unreadable, the newest intact ckpt_STEP.pt): its weights, EMA, optimizer and step, and its log up to that step.
+    Returns (step, path)."""
+    paths = [p for p in [os.path.join(args.out_dir, 'ckpt.pt')] + sorted(
+        glob.glob(os.path.join(args.out_dir, 'ckpt_*.pt')), reverse=True) if os.path.isfile(p)]
+    if not paths:
+        raise SystemExit(f"error: --resume: no checkpoint at {os.path.join(args.out_dir, 'ckpt.pt')} (train.py "
+                         f"writes it there)")
+    for path in paths:
+        try:
+            ckpt = read_torch(path, 'PyTorch checkpoint', device=model.transformer.pos_emb.weight.device)
+            break
+        except SystemExit as e:  # truncated, or not a torch file
+            print0(f"--resume: {path} is unreadable ({e.code}), trying an older checkpoint")
+    else:
+        raise SystemExit(f"error: --resume: none of the checkpoints in {args.out_dir} is readable ({', '.join(paths)})")
+    if check_checkpoint(ckpt, path)['config'] != model.config:
+        diff = sorted(k for k in model.config.keys() | ckpt['config'].keys()
+                      if model.config.get(k) != ckpt['config'].get(k))
+        raise SystemExit(f"error: --resume: {path} holds another model: " + ", ".join(
+            f"{k} {ckpt['config'].get(k)} (the flags give {model.config.get(k)})" for k in diff))
+    if ckpt['step'] > args.max_steps:
+        raise SystemExit(f"error: --resume: {path} is at step {ckpt['step']}, past the {args.max_steps} "
+                         f"steps of --max_steps/--epochs; give a longer run (or another --out_dir)")
+    load_weights(model, ckpt['model'], path, "its 'model' weights")
+    load_weights(ema, ckpt['ema'], path, "its 'ema' weights")
+    optimizer.load_state_dict(ckpt['optimizer'])
+    log = os.path.join(args.out_dir, 'log.jsonl')
+    if master and os.path.isfile(log):  # the steps after the checkpoint are logged again; a cut-off line goes
+        with open(log) as f:
+            lines = [line for line in f if logged_step(line) <= ckpt['step']]
+        write_atomic(log, lambda f: f.writelines(line.encode() for line in lines))
+    print0(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt['step'], path
+
+
+def logged_step(line):
+    try:
+        return json.loads(line)['step']
+    except ValueError:  # a line cut short when the run was killed or the disk filled up
+        return math.inf
+
+
+def append_log(args, record):
+    path = os.path.join(args.out_dir, 'log.jsonl')
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:  # the checkpoints are kept; --resume drops a line cut short
+        raise SystemExit(f"error: writing {path}: {e.strerror or e}; free space, then --resume")
+
+
+class Bench:
+    """--bench: times --bench_steps steps after --bench_warmup untimed ones, then prints images/s, MFU, memory."""
+
+    def __init__(self, args, step, device):
+        self.args, self.start, self.device = args, step + args.bench_warmup, device
+
+    def done(self, step, flops_per_image, world_size):
+        if step == self.start:
+            if self.device.startswith('cuda'):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.t0 = time.time()
+        if step < self.start + self.args.bench_steps:
+            return False
+        if self.device.startswith('cuda'):
+            torch.cuda.synchronize()
+        dt = (time.time() - self.t0) / self.args.bench_steps
+        images = self.args.global_batch_size / world_size / dt
+        print0(f"bench: {images:.1f} images/s per {'GPU' if self.device.startswith('cuda') else 'process'}, "
+               f"{1000 * dt:.0f} ms/step, MFU {percent(mfu(flops_per_image * images, self.device, self.args.peak_tflops))}"
+               f", peak memory {peak_memory(self.device)}")
+        return True
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: samples of the EMA weights, scored during training
 
 
 def small_image_metric(args, tokens, labels, meta, tokenizer):
@@ -235,11 +333,11 @@ def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_s
     there, score(features, labels): Inception metrics against --fid_ref as MAR, or the small-image metric."""
     labels = (torch.arange(args.eval_images, device=device) % meta['num_classes'])[rank::world_size]
     g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank)
-    feats = []
-    batch_size = args.eval_batch_size or args.batch_size
+    feats, batch_size = [], args.eval_batch_size or args.batch_size
+    graphs = CUDAGraphs() if device.startswith('cuda') else None
     for b in range(0, len(labels), batch_size):
         with autocast:
-            tokens = generate(ema.eval(), labels[b:b + batch_size], args.order, g, args.temperature)
+            tokens = generate(ema.eval(), labels[b:b + batch_size], args.order, g, args.temperature, graphs=graphs)
         feats.append(featurize(decode(tokenizer, tokens, meta['grid_size'])))
     feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
     feats['labels'] = labels.cpu().numpy()
@@ -250,311 +348,241 @@ def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_s
     return score(feats) if rank == 0 else None
 
 
-def peak_memory(device):
+def setup_distributed(device=None):
+    """(ddp, rank, world_size, device): under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU
+    with NCCL, or per CPU process with gloo; otherwise a single process on `device` (default: cuda if any)."""
+    if 'RANK' not in os.environ:
+        return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda'):
-        return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB (process RSS)"  # Linux: KiB
-
-
-def check_out_dir(out_dir):
-    """Make out_dir, check now (not after minutes of training) that files can be written there, and remove the
-    temporary files of a run killed while writing a checkpoint."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise SystemExit(f"error: --out_dir {out_dir}: cannot write there ({e.strerror or e}); choose another")
-    for tmp in glob.glob(os.path.join(out_dir, 'ckpt*.pt.tmp')):
-        os.remove(tmp)
-
-
-def save_checkpoint(ckpt, out_dir, keep_last):
-    """Write out_dir/ckpt_STEP.pt through a temporary file and a rename (a crash never leaves a half-written
-    file), point out_dir/ckpt.pt at it (a hard link, replaced atomically) and keep the newest keep_last.
-    If the disk is full, the partial file goes and the previous checkpoints stay. Returns the path written."""
-    path, latest = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt"), os.path.join(out_dir, 'ckpt.pt')
-    try:
-        torch.save(ckpt, path + '.tmp')
-        os.replace(path + '.tmp', path)
-        try:
-            os.link(path, latest + '.tmp')
-        except OSError:  # a file system without hard links
-            shutil.copyfile(path, latest + '.tmp')
-        os.replace(latest + '.tmp', latest)
-    except OSError as e:
-        for tmp in (path + '.tmp', latest + '.tmp'):
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise SystemExit(f"error: writing {path}: {e.strerror or e}; the previous checkpoints in {out_dir} are kept "
-                         f"(free space, then --resume)")
-    for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')))[:-keep_last]:
-        os.remove(old)
-    return path
-
-
-def newest_checkpoint(out_dir, device):
-    """(path, checkpoint) of the newest readable checkpoint of out_dir: ckpt.pt, or when a crash or a full disk has
-    left it unreadable, the newest intact ckpt_STEP.pt (saying so)."""
-    latest = os.path.join(out_dir, 'ckpt.pt')
-    paths = [p for p in [latest] + sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')), reverse=True)
-             if os.path.isfile(p)]
-    if not paths:
-        raise SystemExit(f"error: --resume: no checkpoint at {latest} (train.py writes it there)")
-    for path in paths:
-        try:
-            return path, torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # truncated, or not a torch file: torch raises several kinds
-            print0(f"--resume: {path} is unreadable ({type(e).__name__}), trying an older checkpoint")
-    raise SystemExit(f"error: --resume: none of the checkpoints in {out_dir} is readable ({', '.join(paths)})")
-
-
-def drop_log_lines_after(path, step):
-    """A resumed run logs the steps after its checkpoint again: drop the lines of those steps from log.jsonl, and
-    a last line cut short when the run was killed or the disk filled up."""
-    def kept(line):
-        try:
-            return json.loads(line)['step'] <= step
-        except ValueError:  # a line cut short
-            return False
-    if os.path.isfile(path):
-        with open(path) as f:
-            lines = [line for line in f if kept(line)]
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(lines)
-        os.replace(path + '.tmp', path)
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 
 def main(args):
-    # --- DDP or single process (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) ---
-    ddp, rank, world_size, device = init_distributed(args.device)
-    master = rank == 0
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for what runs in fp32 outside autocast
-    torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast, on by default on GPUs; --amp on a CPU runs the very same bf16 code (what the tests check)
+    # --- DDP or a single process; bf16 autocast on GPUs (--amp on a CPU runs the same bf16 code, as the tests do) ---
+    ddp, rank, world_size, device = setup_distributed(args.device)
+    master, device_type = rank == 0, 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # for what runs outside autocast
     args.amp = device_type == 'cuda' if args.amp is None else args.amp
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp)
 
-    # --- data ---
+    # --- data, then every value that follows from it and the flags ---
     if args.dry_run and args.data == 'shapes' and args.tokenizer in ('vq', 'vae'):
         args.data = 'random'  # the paper's data shapes, unread
     tokens, labels, meta = load_dataset(args.data, args.tokenizer or 'pixel', seed=args.seed)
-    args.tokenizer = args.tokenizer or meta['tokenizer']  # a cache's own; the built-in data's: pixel by default
     meta['num_images'] = len(labels)
-    N = meta['grid_size'] ** 2
-    args.window = N if args.window is None else args.window  # the global head's window is the whole grid
+    accum, N = resolve_args(args, meta, world_size), meta['grid_size'] ** 2
+    kind = f"vocabulary {meta['vocab_size']}" if meta.get('vocab_size') else f"{meta['token_dim']}-d continuous"
+    print0(f"data: {args.data}, {len(labels)} images, {meta['grid_size']}x{meta['grid_size']} tokens, {kind}, "
+           f"{meta['num_classes']} classes")
+
+    # --- model, EMA, optimizer ---
+    model, ema, optimizer = build(args, meta, device)
+    if args.dry_run:
+        return dry_run(model, args)
+    flops_per_image = sum(model.flops_per_image(args.density).values())
+    head = '' if args.head == 'linear' else f" ({model.config['head_depth']} layers, window {args.window})"
+    print0(f"model: {args.size} ({model.config['n_layer']} layers, width {model.config['n_embd']}), head {args.head}"
+           f"{head}, order {args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+           f"M parameters, {flops_per_image / 1e9:.1f} GFLOP per training image")
+    print0(f"batch: {args.global_batch_size} = {args.batch_size} x {world_size} processes x {accum} accumulation "
+           f"steps; {args.max_steps} steps ({args.max_steps * args.global_batch_size / len(labels):.1f} epochs), "
+           f"lr {args.lr}")
+
+    with claim_out_dir(args) if master and not args.bench else contextlib.nullcontext():
+        # --- resume; what turns samples into images and scores them; compile; DDP ---
+        step, ckpt_path = resume(args, model, ema, optimizer, master) if args.resume else (0, None)
+        tokenizer = tokenizer_of(args, meta, device, master)
+        featurize, score = evaluator(args, tokens, labels, meta, tokenizer, device, master) if args.eval_every \
+            and not args.bench else (None, None)
+        raw_model = model  # checkpoints hold the unwrapped, uncompiled module
+        model = torch.compile(model) if args.compile else model
+        if ddp:
+            model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+
+        # --- the training loop: the next batch is read by a thread while a step runs ---
+        def load_batch(s):  # rows of step s, pinned for the copy to a GPU
+            x, y = get_batch(tokens, labels, s, args, rank, accum)
+            return (x.pin_memory(), y.pin_memory()) if device_type == 'cuda' else (x, y)
+        pool = ThreadPoolExecutor(1)
+        next_batch, first_step, bench = pool.submit(load_batch, step), step, Bench(args, step, device)
+        t0, last_log, loss_sum, grad_norm = time.time(), step, torch.zeros((), device=device), torch.zeros(())
+        while True:
+            log_due, ckpt_due = step % args.log_interval == 0, step % args.ckpt_interval == 0 or step == args.max_steps
+            if step > first_step and (log_due or ckpt_due):  # the only host syncs: on these steps
+                if ddp:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the mean over ranks
+                loss_val, norm_val = loss_sum.item(), grad_norm.item()
+                if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                    last = f"the last good checkpoint is {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
+                    raise SystemExit(f"error: loss {loss_val}, grad norm {norm_val} at step {step}; stopped without "
+                                     f"saving: {last} (lower --lr?)")
+                if log_due or step == args.max_steps:
+                    dt = (time.time() - t0) / (step - last_log)
+                    stats = dict(step=step, loss=loss_val, lr=get_lr(step - 1, args), grad_norm=norm_val,
+                                 ms_per_step=1000 * dt, images_per_s=args.global_batch_size / dt,
+                                 mfu=mfu(flops_per_image * args.global_batch_size / dt / world_size, device,
+                                         args.peak_tflops))
+                    print0(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {stats['lr']:.2e} | grad norm "
+                           f"{norm_val:.2f} | {stats['ms_per_step']:.0f} ms/step | {stats['images_per_s']:.1f} "
+                           f"images/s | MFU {percent(stats['mfu'])}")
+                    if master and not args.bench:
+                        append_log(args, stats)
+                    t0, last_log = time.time(), step
+                if master and not args.bench and ckpt_due:
+                    ckpt_path = save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
+                                                     optimizer=optimizer.state_dict(), step=step, args=vars(args),
+                                                     config=raw_model.config, data_meta=meta), args.out_dir,
+                                                args.keep_last)
+            if featurize and step > first_step and (step % args.eval_every == 0 or step == args.max_steps):
+                t_e = time.time()
+                metrics = evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_size, autocast)
+                if master:
+                    print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                           f" ({args.eval_images} EMA samples vs {args.fid_ref or 'held-out images'}, "
+                           f"{time.time() - t_e:.0f}s)")
+                    append_log(args, dict(step=step, eval_images=args.eval_images, **metrics))
+                t0 += time.time() - t_e  # the next log line times training steps only
+            if (args.bench and bench.done(step, flops_per_image, world_size)) or step == args.max_steps:
+                break
+
+            # the step: accum micro-batches, gradients averaged over all of them and all ranks
+            cached, labels_b = next_batch.result()
+            next_batch = pool.submit(load_batch, step + 1)
+            for group in optimizer.param_groups:
+                group['lr'] = get_lr(step, args)
+            loss_sum = torch.zeros((), device=device)
+            for a in range(accum):
+                gen = micro_generator(args.seed, step, rank * accum + a, device)
+                rows = slice(a * args.batch_size, (a + 1) * args.batch_size)
+                batch = micro_batch(cached[rows].to(device, non_blocking=True), labels_b[rows].to(
+                    device, non_blocking=True), args, step, gen, N, meta['num_classes'])
+                if ddp:
+                    model.require_backward_grad_sync = a == accum - 1  # all-reduce once, after the last micro-batch
+                with autocast:
+                    loss = model(*batch, gen, npp_segment(step, args)[2]) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(ema, raw_model, step, args.ema)
+            step += 1
+        pool.shutdown(wait=False, cancel_futures=True)
+        if master and not args.bench and args.num_samples > 0 and tokenizer is not None:
+            sample_grid(ema, args, meta, tokenizer, device, autocast, ckpt_path)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def tokenizer_of(args, meta, device, master):
+    """What turns samples into images (samples.png, --eval_every), or None where none is needed or its vq/vae
+    weights are gone (then --eval_every is refused; samples.png is skipped, saying so)."""
+    if args.bench or not (args.eval_every or (master and args.num_samples > 0)):
+        return None
+    if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):  # vq/vae weights the cache was made with
+        if args.eval_every:
+            raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
+                             f"the tokens are gone; restore them or drop --eval_every")
+        return print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
+    return make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device, meta.get('colours'))
+
+
+def sample_grid(ema, args, meta, tokenizer, device, autocast, ckpt_path):
+    """out_dir/samples.png: --num_samples images from the EMA weights, one column per class."""
+    g = torch.Generator(device).manual_seed(args.seed)
+    y = torch.arange(args.num_samples, device=device) % meta['num_classes']
+    t0 = time.time()
+    with autocast:
+        out = generate(ema.eval(), y, args.order, g, temperature=args.temperature,
+                       graphs=CUDAGraphs() if device.startswith('cuda') else None)
+    dt = time.time() - t0
+    save_grid(decode(tokenizer, out, meta['grid_size']).cpu().numpy(), os.path.join(args.out_dir, 'samples.png'),
+              ncol=min(meta['num_classes'], 10))
+    print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), wrote {args.out_dir}/samples.png "
+           f"and {args.out_dir}/ckpt.pt (= {os.path.basename(ckpt_path)})")
+
+
+# -----------------------------------------------------------------------------
+# Arguments: what follows from the flags and the data, and the combinations that cannot work
+
+# flags whose value must be at least a bound (0 where 0 means 'none' or 'off'), checked before anything is built
+AT_LEAST = dict(batch_size=1, global_batch_size=1, max_steps=1, epochs=1e-9, warmup_steps=0, warmup_epochs=0,
+                lr=1e-12, weight_decay=0, grad_clip=1e-12, depth=1, head_depth=1, window=1, num_samples=0,
+                temperature=1e-12, eval_every=0, eval_images=1, eval_batch_size=1, log_interval=1, ckpt_interval=1,
+                keep_last=1, bench_warmup=0, bench_steps=1, npp_levels=1, npp_lambda=1e-12)
+
+
+def resolve_args(args, meta, world_size):
+    """Fill in the values that follow from the data and the flags (printed with --dry_run and saved in every
+    checkpoint), after checking them; returns the gradient accumulation steps."""
+    args.tokenizer = args.tokenizer or meta['tokenizer']  # a cache's own; the built-in data's: pixel by default
+    args.window = meta['grid_size'] ** 2 if args.window is None else args.window  # the global head's: the whole grid
     # the global batch (paper: 2048) = micro-batch x processes x accumulation steps; lr is for the global batch
     if args.global_batch_size is None:
         args.global_batch_size = args.batch_size * world_size
     check_args(args, meta, world_size)
     # how a 1D model is told its target: the paper's shifted positions (Fig. 4 middle), RAR's own for --order rar
     args.target_position = args.target_position or ('added' if args.order == 'rar' else 'shifted')
-    accum = args.global_batch_size // (args.batch_size * world_size)
-    steps_per_epoch = len(labels) // args.global_batch_size
+    steps_per_epoch = meta['num_images'] // args.global_batch_size
     if args.epochs:  # the paper counts epochs (Sec. 5.1: 800); steps follow from the data and batch size
         args.max_steps = round(args.epochs * steps_per_epoch)
     if args.warmup_epochs is not None:
         args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     if args.max_steps < 1:
         raise SystemExit(f"error: --epochs {args.epochs} is less than one step of {args.global_batch_size} of the "
-                         f"{len(labels)} images")
-    kind = f"vocabulary {meta['vocab_size']}" if meta.get('vocab_size') else f"{meta['token_dim']}-d continuous"
-    print0(f"data: {args.data}, {len(labels)} images, {meta['grid_size']}x{meta['grid_size']} tokens, "
-           f"{kind}, {meta['num_classes']} classes")
+                         f"{meta['num_images']} images")
+    return args.global_batch_size // (args.batch_size * world_size)
 
-    # --- model, EMA, optimizer ---
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth is not None else {}))
-    config = dict(vocab_size=meta.get('vocab_size', 0), token_dim=meta.get('token_dim', 0),
-                  clip_denoised=meta.get('clip_denoised', False),
-                  num_classes=meta['num_classes'], grid_size=meta['grid_size'], head=args.head,
-                  head_depth=args.head_depth, window=args.window if args.head == 'local' else None,
-                  target_position=args.target_position, init=args.init, **size)
-    if not config['token_dim']:  # discrete tokens: no diffusion MLP
-        config.update(diffusion_width=None, diffusion_depth=None)
-    model = Heptapod(**config).to(device)
-    config = model.config  # resolved (the head's depth, how a 1D model is told its target), as checkpoints keep it
-    if args.dry_run:
-        dry_run(model, args)
-        return
-    ema = Heptapod(**config).to(device).requires_grad_(False)  # fp32, like the weights it averages
-    ema.load_state_dict(model.state_dict())
-    # no weight decay on vectors and on the diffusion MLP (MAR's add_weight_decay)
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or n.startswith('token_head.net') else decay).append(p)
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=device_type == 'cuda')
-    if args.grad_checkpointing:
-        for m in model.modules():
-            m.grad_checkpointing = True  # read by model.run_block for every block
-    flops_per_image = sum(model.flops_per_image(args.density).values())
-    peak = peak_flops(device, args.peak_tflops)  # None on CPUs: no MFU
-    head = '' if args.head == 'linear' else f" ({config['head_depth']} layers, window {args.window})"
-    print0(f"model: {args.size} ({size['n_layer']} layers, width {size['n_embd']}), head {args.head}{head}, "
-           f"order {args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-           f"parameters, {flops_per_image / 1e9:.1f} GFLOP per training image")
-    print0(f"batch: {args.global_batch_size} = {args.batch_size} x {world_size} processes x {accum} accumulation "
-           f"steps; {args.max_steps} steps ({args.max_steps / steps_per_epoch:.1f} epochs), lr {args.lr}")
 
-    # --- resume ---
-    step = 0
-    ckpt_path = None  # the last checkpoint written or resumed from
-    if master and not args.bench:
-        check_out_dir(args.out_dir)
-    if args.resume:
-        ckpt_path, ckpt = newest_checkpoint(args.out_dir, device)
-        missing = {'model', 'ema', 'optimizer', 'step', 'config'} - set(ckpt if isinstance(ckpt, dict) else ())
-        if missing:
-            raise SystemExit(f"error: --resume: {ckpt_path} is not a train.py checkpoint (no {', '.join(missing)})")
-        ckpt['config'] = saved_config(ckpt['config'])
-        if ckpt['config'] != config:
-            diff = sorted(k for k in config.keys() | ckpt['config'].keys() if config.get(k) != ckpt['config'].get(k))
-            raise SystemExit(f"error: --resume: {ckpt_path} holds another model: " + ", ".join(
-                f"{k} {ckpt['config'].get(k)} (the flags give {config.get(k)})" for k in diff))
-        if ckpt['step'] > args.max_steps:
-            raise SystemExit(f"error: --resume: {ckpt_path} is at step {ckpt['step']}, past the {args.max_steps} "
-                             f"steps of --max_steps/--epochs; give a longer run (or another --out_dir)")
-        load_weights(model, ckpt['model'], ckpt_path, "its 'model' weights")
-        load_weights(ema, ckpt['ema'], ckpt_path, "its 'ema' weights")
-        optimizer.load_state_dict(ckpt['optimizer'])
-        step = ckpt['step']
-        if master:
-            drop_log_lines_after(os.path.join(args.out_dir, 'log.jsonl'), step)
-        print0(f"resumed from {ckpt_path} at step {step}")
-    # what turns samples into images (samples.png, --eval_every) and scores them, before the first step
-    tokenizer = None
-    if not args.bench and (args.eval_every or (master and args.num_samples > 0)):
-        if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):  # vq/vae weights the cache was made with
-            if args.eval_every:
-                raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
-                                 f"the tokens are gone; restore them or drop --eval_every")
-            print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
-        else:
-            tokenizer = make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device)
-    if args.eval_every and not args.bench:
-        featurize, score = evaluator(args, tokens, labels, meta, tokenizer, device, master)
-    raw_model = model  # checkpoints hold the unwrapped, uncompiled module
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
-
-    # --- training loop ---
-    def load_batch(s):  # runs in the prefetch thread: read the rows of step s and pin them for the copy to GPU
-        x, y = get_batch(tokens, labels, s, args, rank, accum)
-        return (x.pin_memory(), y.pin_memory()) if device_type == 'cuda' else (x, y)
-
-    pool = ThreadPoolExecutor(1)  # reads the next batch from the cache while this step runs
-    next_batch = pool.submit(load_batch, step)
-    bench_start = step + args.bench_warmup
-    first_step = step
-    t0, last_log = time.time(), step
-    loss_sum = grad_norm = torch.zeros((), device=device)
-    while True:
-        if step > first_step and (step % args.log_interval == 0 or step % args.ckpt_interval == 0
-                                  or step == args.max_steps):
-            if ddp:  # the mean over ranks; this and .item() are the only host syncs, on these steps only
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            loss_val, norm_val = loss_sum.item(), grad_norm.item()
-            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                last = f"the last good checkpoint is {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
-                raise SystemExit(f"error: loss {loss_val}, grad norm {norm_val} at step {step}; stopped without "
-                                 f"saving: {last} (lower --lr?)")
-            if step % args.log_interval == 0 or step == args.max_steps:
-                dt = (time.time() - t0) / (step - last_log)
-                stats = dict(step=step, loss=loss_val, lr=get_lr(step - 1, args), grad_norm=norm_val,
-                             ms_per_step=1000 * dt, images_per_s=args.global_batch_size / dt,
-                             mfu=peak and flops_per_image * args.global_batch_size / dt / (peak * world_size))
-                mfu = '-' if peak is None else f"{100 * stats['mfu']:.1f}%"
-                print0(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {stats['lr']:.2e} | grad norm "
-                       f"{norm_val:.2f} | {stats['ms_per_step']:.0f} ms/step | {stats['images_per_s']:.1f} images/s"
-                       f" | MFU {mfu}")
-                if master and not args.bench:
-                    with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
-                        f.write(json.dumps(stats) + '\n')
-                t0, last_log = time.time(), step
-            if master and not args.bench and (step % args.ckpt_interval == 0 or step == args.max_steps):
-                ckpt_path = save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                                                 optimizer=optimizer.state_dict(), step=step, args=vars(args),
-                                                 config=config, data_meta=meta), args.out_dir, args.keep_last)
-        if args.eval_every and not args.bench and step > first_step and (step % args.eval_every == 0
-                                                                         or step == args.max_steps):
-            t_e = time.time()
-            metrics = evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_size, autocast)
-            if master:
-                print0(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                       f" ({args.eval_images} EMA samples vs {args.fid_ref or 'held-out images'}, "
-                       f"{time.time() - t_e:.0f}s)")
-                with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(dict(step=step, eval_images=args.eval_images, **metrics)) + '\n')
-            t0 += time.time() - t_e  # the next log line times training steps only
-        if args.bench and step == bench_start:
-            if device_type == 'cuda':
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-            bench_t0 = time.time()
-        if args.bench and step == bench_start + args.bench_steps:
-            if device_type == 'cuda':
-                torch.cuda.synchronize()
-            dt = (time.time() - bench_t0) / args.bench_steps
-            images = args.global_batch_size / world_size / dt
-            mfu = '-' if peak is None else f"{100 * flops_per_image * images / peak:.1f}%"
-            print0(f"bench: {images:.1f} images/s per {'GPU' if device_type == 'cuda' else 'process'}, "
-                   f"{1000 * dt:.0f} ms/step, MFU {mfu}, peak memory {peak_memory(device)}")
-            break
-        if step == args.max_steps:
-            break
-
-        # the step: accum micro-batches, gradients averaged over all of them and all ranks
-        cached, labels_b = next_batch.result()
-        next_batch = pool.submit(load_batch, step + 1)
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss_sum = torch.zeros((), device=device)
-        for a in range(accum):
-            gen = micro_generator(args.seed, step, rank * accum + a, device)
-            x = cached[a * args.batch_size:(a + 1) * args.batch_size].to(device, non_blocking=True)
-            y = labels_b[a * args.batch_size:(a + 1) * args.batch_size].to(device, non_blocking=True)
-            B = len(y)
-            flip = torch.randint(2, (B,), generator=gen, device=device) * args.flip  # the image or its mirror (MAR)
-            idx = TOKENIZERS[args.tokenizer].from_cache(x[torch.arange(B, device=device), flip], gen)
-            if args.class_dropout > 0:  # train the 'no class' token for CFG (our comparison run; off in the paper)
-                drop = torch.rand(B, generator=gen, device=device) < args.class_dropout
-                y = torch.where(drop, raw_model.num_classes, y)
-            orders = make_orders(B, N, args.order, gen, rar_prob(step, args))  # (B, N)
-            prefix_lens = sample_prefix_lens(B, args.density, N, gen)  # (B, n)
-            if ddp:
-                model.require_backward_grad_sync = a == accum - 1  # all-reduce once, after the last micro-batch
-            with autocast:
-                loss = model(idx, y, orders, prefix_lens, gen, npp_segment(step, args)[2]) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, raw_model, step, args.ema)
-        step += 1
-    pool.shutdown(wait=False, cancel_futures=True)
-
-    # --- a grid of samples from the EMA weights, one column per class ---
-    if master and args.num_samples > 0 and tokenizer is not None:
-        g = torch.Generator(device).manual_seed(args.seed)
-        num_classes = meta['num_classes']
-        y = torch.arange(args.num_samples, device=device) % num_classes
-        t_s = time.time()
-        with autocast:
-            out = generate(ema.eval(), y, args.order, g, temperature=args.temperature)
-        dt = time.time() - t_s
-        images = decode(tokenizer, out, meta['grid_size'])
-        save_grid(images.cpu().numpy(), os.path.join(args.out_dir, 'samples.png'), ncol=min(num_classes, 10))
-        print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), "
-               f"wrote {args.out_dir}/samples.png and {args.out_dir}/ckpt.pt (= {os.path.basename(ckpt_path)})")
-    if ddp:
-        dist.destroy_process_group()
+def check_args(args, meta, world_size):
+    """Flag combinations that cannot work fail here, in one line, before anything is built."""
+    N, g = meta['grid_size'] ** 2, meta['grid_size']
+    errors = [f"--{k} {getattr(args, k)} must be {'positive' if lo and lo < 1 else f'at least {lo}'}"
+              for k, lo in AT_LEAST.items() if getattr(args, k) is not None and getattr(args, k) < lo]
+    if errors:  # the checks below assume sane values
+        raise SystemExit("error: " + "; ".join(errors))
+    s, size = math.isqrt(args.window), g * DOWNSAMPLING[meta['tokenizer']]
+    checks = [  # (what is wrong, the message)
+        (not 1 <= args.density <= N, f"--density {args.density} must be in [1, {N}] (the number of grid positions)"),
+        (args.head == 'linear' and args.density != 1,
+         "--density applies to the 2D heads; --head linear scores every step already"),
+        (s * s != args.window or g % s, f"--window {args.window} does not tile the {g}x{g} grid (use s*s with s "
+                                        f"dividing {g}, e.g. 16, 64, {N})"),
+        (args.head == 'global' and args.window != N,
+         f"--head global predicts the whole grid (window {N}); use --head local for --window {args.window}"),
+        (args.head == 'linear' and args.window != N, "--window applies to the 2D heads; --head linear predicts one token"),
+        (args.head != 'linear' and args.target_position, "--target_position applies to the 1D models (--head linear); "
+                                                         "the 2D ones are never told their next position"),
+        (args.order == 'rar' and args.head != 'linear', "--order rar trains a 1D model (RAR): use it with --head linear"),
+        (args.npp_levels > 1 and (args.head != 'linear' or args.order != 'raster' or bool(meta.get('token_dim'))),
+         "--npp_levels > 1 (next-patch prediction) is for the 1D raster model of discrete tokens: use --head linear "
+         "--order raster with a discrete tokenizer"),
+        (args.npp_levels > 1 and g % 2 ** (args.npp_levels - 1),
+         f"--npp_levels {args.npp_levels}: patches of {2 ** (args.npp_levels - 1)} do not tile the {g}x{g} grid"),
+        (not 0 <= args.anneal_start < args.anneal_end <= 1,
+         "--anneal_start and --anneal_end must satisfy 0 <= start < end <= 1"),
+        (args.head == 'local' and args.order != 'random', "--head local predicts the chunk of a randomly drawn next "
+         "position: use --order random (or --head linear --order raster for the 1D-raster baseline)"),
+        *[(not 0 <= getattr(args, k) < 1, f"--{k} {getattr(args, k)} must be in [0, 1)")
+          for k in ('class_dropout', 'ema', 'beta1', 'beta2')],
+        (meta['tokenizer'] != args.tokenizer, f"--data {args.data} holds '{meta['tokenizer']}' tokens; drop "
+         f"--tokenizer {args.tokenizer}, it only chooses how the built-in data is tokenized"),
+        (args.global_batch_size % (args.batch_size * world_size), f"--global_batch_size {args.global_batch_size} is "
+         f"not a multiple of --batch_size {args.batch_size} x {world_size} processes"),
+        (args.global_batch_size > meta['num_images'],
+         f"--global_batch_size {args.global_batch_size} is more than the {meta['num_images']} images of --data"),
+        (args.eval_every and not args.fid_ref and size > 64, f"--eval_every on {size}x{size} images needs --fid_ref: "
+         f"the small-image metric works on the pixels of images up to 64x64"),
+        (args.eval_every and args.eval_images < max(10 if args.fid_ref else 2, world_size),
+         f"--eval_images {args.eval_images}: at least {10 if args.fid_ref else 2} (the IS splits, a covariance) and "
+         f"one per process"),
+        (args.resume and args.overwrite, "--resume continues the run in --out_dir, --overwrite deletes it: pick one")]
+    errors = [message for wrong, message in checks if wrong]
+    if errors:
+        raise SystemExit("error: " + "; ".join(errors))
 
 
 def get_parser():
@@ -624,8 +652,9 @@ def get_parser():
     parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
     parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
     # system
-    parser.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and samples.png go here')
-    parser.add_argument('--resume', action='store_true', help='continue from out_dir/ckpt.pt')
+    parser.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and samples.png of one run go here')
+    parser.add_argument('--resume', action='store_true', help='continue the run in out_dir (from out_dir/ckpt.pt)')
+    parser.add_argument('--overwrite', action='store_true', help='delete the run in out_dir first, then train afresh')
     parser.add_argument('--log_interval', type=int, default=100, help='steps between log lines')
     parser.add_argument('--ckpt_interval', type=int, default=500, help='steps between checkpoints (and at the end)')
     parser.add_argument('--keep_last', type=int, default=2, help='checkpoints kept (ckpt.pt is the newest)')
