@@ -1,8 +1,8 @@
 """
 FID, sFID, Inception Score and precision/recall as the ADM evaluator computes them (openai/guided-diffusion
-evaluations/evaluator.py, the numbers of the paper's Table 2, LlamaGen, VAR and RAR), with torch, numpy, scipy
-and pillow only: the FID Inception-v3 of the TF graph of 2015-12-05, TF-1 bilinear resize to 299x299 and
-(x - 128) / 128, as torch-fidelity reproduces them.
+evaluations/evaluator.py: the paper's Table 2, LlamaGen, VAR, RAR), with torch, numpy, scipy and pillow only: the
+FID Inception-v3 of the TF graph of 2015-12-05, TF-1 bilinear resize to 299 and (x - 128) / 128, as torch-fidelity
+reproduces them; and SmallImageMetric for images too small for an Inception (train.py --eval_every without --fid_ref).
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz   # Table 2: FID, sFID, IS, precision, recall
     python fid.py samples.npz DIR                               # against another image set (.npz or folder)
@@ -10,14 +10,9 @@ and pillow only: the FID Inception-v3 of the TF graph of 2015-12-05, TF-1 biline
     python fid.py samples.npz ref.npz --is_splits torch_fidelity  # IS as MAR's online evaluation
     python fid.py --bench                                       # feature extraction images/s at batch 200
 
-SAMPLES is an .npz with arr_0 (uint8 images (N, H, W, 3), as sample.py writes) or a folder of images of
-one size. Both are read batch by batch, so memory holds the float32 features (20 KB per image), not the
-images (9.8 GB for 50,000 of 256x256). The weights are pytorch-fid's port of the TF graph,
-pt_inception-2015-12-05-6726825d.pth, read from where pytorch-fid downloads it (--inception to point elsewhere).
-
-SmallImageMetric: for images too small for an Inception (the built-in shapes, pixel-patch 32x32), a Frechet
-distance in a PCA space of real pixels with its real-vs-real floor, and a nearest-neighbour classifier's accuracy
-(train.py --eval_every without --fid_ref).
+SAMPLES: an .npz with arr_0 (uint8 (N, H, W, 3), as sample.py writes) or a folder of images of one size, read batch
+by batch: memory holds the features (20 KB per image), not the images. The weights: pytorch-fid's port of the TF
+graph, pt_inception-2015-12-05-6726825d.pth, where pytorch-fid downloads it (--inception elsewhere).
 """
 import argparse
 import math
@@ -38,7 +33,7 @@ from scipy import linalg
 
 from tokenizers import HelpFormatter, load_weights, one_line, peak_memory, read_torch, write_atomic
 
-# pytorch-fid's port of the TF weights; torch-fidelity's weights-inception-2015-12-05-6726825d.pth holds the same tensors
+# pytorch-fid's port of the TF weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth: the same tensors)
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_FILE
 DEFAULT_WEIGHTS = '~/.cache/torch/hub/checkpoints/' + WEIGHTS_FILE  # where pytorch-fid's download lands
@@ -51,14 +46,18 @@ IS_SPLITS_TORCH_FIDELITY = 10  # torch-fidelity's isc_splits default, after its 
 FULL_RANK = 2048  # fewer images than feature dimensions leave the covariance singular
 BENCH_SECONDS = 10  # --bench times whole batches for at least this long
 
+IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000): consecutive parts, in the file's order
+IS_SPLITS_TORCH_FIDELITY = 10  # torch-fidelity's isc_splits default, after its shuffle with RandomState(2020)
+FULL_RANK = 2048  # fewer images than feature dimensions leave the covariance singular
+BENCH_SECONDS = 10  # --bench times whole batches for at least this long
+
 # -----------------------------------------------------------------------------
-# The FID Inception-v3: torchvision's module names (so the published state dict loads as it is),
-# with the pools of the TF graph (pytorch-fid inception.py, torch-fidelity feature_extractor_inceptionv3.py)
+# The FID Inception-v3: torchvision's module names (the published state dict loads as it is), the pools of the
+# TF graph (pytorch-fid inception.py, torch-fidelity feature_extractor_inceptionv3.py)
 
 
 class BasicConv2d(nn.Module):
-    """Conv (no bias), BatchNorm (eps 0.001, as in every port of the graph), ReLU. padding='same' pads k // 2
-    on each side, TF's SAME for odd kernels at stride 1; the graph's other convolutions are VALID (padding=0)."""
+    """Conv (no bias), BatchNorm (eps 0.001, every port's), ReLU; 'same' is TF's SAME at stride 1, else VALID."""
 
     def __init__(self, c_in, c_out, kernel_size, stride=1, padding='same'):
         super().__init__()
@@ -71,9 +70,7 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def avg_pool(x):
-    # TF's SAME-padded average pool divides by the number of real pixels: count_include_pad=False, unlike
-    # torchvision's blocks. With Mixed_7c's max pool, this is all that pytorch-fid's FIDInception* blocks change
+def avg_pool(x):  # TF's SAME average pool counts real pixels only: with Mixed_7c's max pool, pytorch-fid's change
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -146,8 +143,7 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """8x8 block (Mixed_7b, 7c) with split 1x3 / 3x1 outputs. The graph's last block (mixed_10, our Mixed_7c)
-    pools with a max pool, not an average pool, hence pool='max' there (pytorch-fid's FIDInceptionE_2)."""
+    """8x8 block (Mixed_7b, 7c), split 1x3 / 3x1 outputs; the graph's last (Mixed_7c) max-pools (FIDInceptionE_2)."""
 
     def __init__(self, c_in, pool):
         super().__init__()
@@ -189,8 +185,7 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (B, 192, 35, 35)
         x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
-        # ADM's 'mixed_6/conv' is the 1x1 branch of TF block mixed_6 (our Mixed_6d); it keeps the first 7
-        # channels. Recomputing that one 1x1 conv here costs under 1% of the network.
+        # ADM's 'mixed_6/conv': the first 7 channels of the 1x1 branch of TF's mixed_6 (our Mixed_6d), recomputed
         spatial = self.Mixed_6d.branch1x1(x)[:, :7]  # (B, 7, 17, 17)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))  # (B, 2048, 8, 8)
         pool = x.mean(dim=(2, 3))  # (B, 2048) pool3, the graph's 8x8 average pool
@@ -203,27 +198,25 @@ def load_inception(path=DEFAULT_WEIGHTS, device='cpu'):
     state = read_torch(path, 'PyTorch file', f"; the FID Inception weights: download {WEIGHTS_FILE} from "
                                              f"{WEIGHTS_URL} (pytorch-fid's release) and pass --inception PATH")
     model = FIDInception()
-    # pytorch-fid's file was saved from torchvision's model and holds BatchNorm's num_batches_tracked counters;
-    # torch-fidelity's converted file (same tensors) has none. They count training steps only: ours fill the gaps
+    # pytorch-fid's file (saved from torchvision's model) holds BatchNorm's num_batches_tracked, torch-fidelity's
+    # (the same tensors) not: they count training steps only, ours fill the gaps
     own = {k: v for k, v in model.state_dict().items() if k.endswith('num_batches_tracked')}
-    return load_weights(model, own | state if isinstance(state, dict) else state, path,
-                        f"its weights (expected {WEIGHTS_FILE})", "download it again").to(device).eval().requires_grad_(False)
+    model = load_weights(model, own | state if isinstance(state, dict) else state, path,
+                         f"its weights (expected {WEIGHTS_FILE})", "download it again")
+    return model.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # Preprocessing and features
 
 
 def resize_tf1(x, size=299):
-    """Bilinear resize of x (B, C, H, W) float as TF 1's ResizeBilinear (align_corners=False), which the TF
-    graph runs: output pixel i reads input coordinate i * in / out (no half-pixel offset, so the image is
-    anchored at its top-left corner), in float32, x first, then y (torch-fidelity interpolate_compat_tensorflow.py)."""
+    """Bilinear resize of x (B, C, H, W) as TF 1's ResizeBilinear in the graph: output pixel i reads input coordinate
+    i * in / out (no half-pixel offset), in float32, x then y (torch-fidelity interpolate_compat_tensorflow.py)."""
     def grid(n_in):
-        scale = torch.tensor(n_in / size, dtype=torch.float32)  # TF computes in / out in float32
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale  # (size,)
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)  # in / out in fp32
         lo = src.long()  # floor, as src >= 0
         return lo, (lo + 1).clamp_max(n_in - 1), src - lo  # the last rows repeat the edge when upsampling
-    y0, y1, fy = grid(x.shape[2])
-    x0, x1, fx = grid(x.shape[3])
+    (y0, y1, fy), (x0, x1, fx) = grid(x.shape[2]), grid(x.shape[3])
     top, bottom = x[:, :, y0], x[:, :, y1]  # (B, C, size, W)
     top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx  # (B, C, size, size)
     bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
@@ -235,15 +228,12 @@ def preprocess(images, resize='tf1'):
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W), 0..255
     if resize == 'tf1':  # the TF graph: ResizeBilinear on 0..255, Sub 128, Mul 1/128 (ADM, torch-fidelity)
         return (resize_tf1(x) - 128) / 128
-    # pytorch-fid: ToTensor's x / 255, half-pixel bilinear, 2x - 1 (its InceptionV3.forward)
-    x = F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False)
-    return 2 * x - 1
+    return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1  # pytorch-fid's
 
 
 @contextmanager
 def no_tf32():
-    """Full fp32 matmuls and convolutions on CUDA: TF32, cuDNN's default for convolutions on Ampere and later,
-    keeps 10 mantissa bits, and the reference numbers are defined in fp32."""
+    """Full fp32 matmuls and convolutions on CUDA (TF32 keeps 10 mantissa bits; the references are fp32)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -254,12 +244,10 @@ def no_tf32():
 
 @torch.no_grad()
 def features(model, images, batch_size=64, device='cpu', resize='tf1', log=None):
-    """float32 features of uint8 images (N, H, W, 3): pool3 (N, 2048), the spatial features of sFID (N, 2023)
-    and the IS logits (N, 1008), pool3 @ fc.weight.T without the bias (as ADM and torch-fidelity). images is
-    anything with len() and slices: an array, a tensor, NpzImages, FolderImages. With log (a name), a
-    progress line every 30 s."""
-    N, out = len(images), None
-    t0 = last = time.time()
+    """float32 features of uint8 images (N, H, W, 3) (anything with len() and slices): pool3 (N, 2048), sFID's spatial
+    features (N, 2023), IS logits (N, 1008) = pool3 @ fc.weight.T (as ADM, torch-fidelity). log: a progress line."""
+    N, out, t0 = len(images), None, time.time()
+    last = t0
     with no_tf32(), ThreadPoolExecutor(1) as reader:  # the next batch is read and decoded while this one runs
         next_batch = reader.submit(images.__getitem__, slice(0, batch_size))
         for i in range(0, N, batch_size):
@@ -285,18 +273,16 @@ def features(model, images, batch_size=64, device='cpu', resize='tf1', log=None)
 
 
 def mean_cov(x, block=4096):
-    """Mean and unbiased covariance, float64, of float32 features x (N, D), the covariance summed over blocks
-    of centred rows: np.cov would first copy all of x to float64 (0.8 GB for 50,000 x 2048)."""
-    mu = x.mean(0, dtype=np.float64)
-    sigma = np.zeros((x.shape[1], x.shape[1]))
-    for i in range(0, len(x), block):
+    """Mean and unbiased covariance in float64 of features x (N, D), summed over blocks of centred rows."""
+    mu, sigma = x.mean(0, dtype=np.float64), np.zeros((x.shape[1], x.shape[1]))
+    for i in range(0, len(x), block):  # np.cov would copy all of x to float64 first (0.8 GB for 50,000 x 2048)
         d = x[i:i + block] - mu  # (block, D) float64
         sigma += d.T @ d
     return mu, sigma / (len(x) - 1)
 
 
 def stats(feats):
-    """Mean and covariance (unbiased, float64) of pool3 and of the spatial features, in ADM's npz keys."""
+    """Mean and covariance of pool3 and of the spatial features, in ADM's npz keys."""
     (mu, sigma), (mu_s, sigma_s) = mean_cov(feats['pool']), mean_cov(feats['spatial'])
     return dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
 
@@ -319,14 +305,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, splits='adm'):
-    """exp(E_x KL(p(y|x) || p(y))) over the 1008 classes, averaged over splits of the samples (N, 1008).
-    'adm', the ADM evaluator's (the paper's Table 2): consecutive parts of 5000 in the given order, the last one
-    shorter. 'torch_fidelity' (MAR's online evaluation): 10 equal parts after a shuffle with RandomState(2020)."""
+    """exp(E_x KL(p(y|x) || p(y))) over the 1008 classes, averaged over splits of the samples (N, 1008): 'adm' (the
+    paper's Table 2), parts of 5000 in the given order; 'torch_fidelity' (MAR's online evaluation), 10 equal parts
+    after a shuffle with RandomState(2020), torch-fidelity's (metric_isc.py)."""
     N, logits = len(logits), np.asarray(logits)
     if splits == 'adm' and N >= 1:
         order, bounds = np.arange(N), list(range(0, N, IS_SPLIT_SIZE)) + [N]
     elif splits == 'torch_fidelity' and N >= IS_SPLITS_TORCH_FIDELITY:
-        # torch-fidelity's permutation (metric_isc.py), numpy's generator, so that the scores are equal
         order = np.random.RandomState(2020).permutation(N)
         bounds = [k * N // IS_SPLITS_TORCH_FIDELITY for k in range(IS_SPLITS_TORCH_FIDELITY + 1)]
     else:
@@ -348,9 +333,9 @@ def sq_dists(a, b):
 
 @torch.no_grad()
 def precision_recall(real, fake, k=3, max_block=2 ** 25, device='cpu'):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is on a
-    set's manifold if it lies within the distance from some point of that set to its k-th nearest neighbour.
-    Distances in fp32 (ADM's are fp16, fp32 only where fp16 overflows), max_block of them at a time (128 MB)."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is on a set's
+    manifold if within the distance from some point of the set to its k-th neighbour. Distances in fp32 (ADM's:
+    fp16), max_block at a time (128 MB)."""
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k = {k} need more than {k} images per set, "
                          f"got {len(real)} and {len(fake)}")
@@ -371,15 +356,13 @@ def precision_recall(real, fake, k=3, max_block=2 ** 25, device='cpu'):
         for i, j in blocks(x, centres):
             out[i:j] = (sq_dists(x[i:j], centres) <= r).any(1)
         return out.double()
-    with no_tf32():
-        precision = on_manifold(fake, real, radii(real)).mean().item()  # samples on the reference manifold
-        recall = on_manifold(real, fake, radii(fake)).mean().item()  # references on the sample manifold
-    return precision, recall
+    with no_tf32():  # samples on the reference manifold, references on the sample manifold
+        return on_manifold(fake, real, radii(real)).mean().item(), on_manifold(real, fake, radii(fake)).mean().item()
 
 
 def metrics(feats, ref, ref_pool=None, device='cpu', is_splits='adm'):
-    """FID, sFID (when ref has spatial statistics), IS (is_splits: see inception_score) and precision/recall
-    (when ref_pool is given, ADM's reference images) of sample features against reference statistics."""
+    """FID, sFID (when ref has spatial statistics), IS and precision/recall (given ref_pool, the reference images'
+    pool3) of sample features against reference statistics."""
     s = stats(feats)
     out = {'fid': frechet_distance(s['mu'], s['sigma'], ref['mu'], ref['sigma'])}
     if 'mu_s' in ref:
@@ -390,27 +373,19 @@ def metrics(feats, ref, ref_pool=None, device='cpu', is_splits='adm'):
     return out
 
 # -----------------------------------------------------------------------------
-# Small images (the built-in shapes, pixel tokens, any small cache): a metric that needs no downloaded network.
-# Inception features mean little at 16x16 pixels, so the feature space is fit on the real training images
-# themselves: the top principal components of their pixels. Samples are compared with held-out real images.
-
-
-def pixels(images):
-    """uint8 images (N, H, W, 3) -> (N, H*W*3) float64 in [0, 1]."""
-    return np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255
+# Small images (the built-in shapes, pixel tokens, any small cache): Inception features mean little at 16x16, so the
+# feature space is fit on the real training images: the top principal components of their pixels.
 
 
 class SmallImageMetric:
-    """A Frechet distance in a fixed PCA space of pixels and a classifier's accuracy, both fit on real training
-    images only (numpy and scipy, seconds on a CPU). Called on samples (N, H, W, 3) and their class labels (N,):
-      fd: FD between the samples and the held-out real images, over the top `dim` principal components;
-      fd_floor: the FD of as many real training images: what a perfect model scores at this N (FD is biased
-        upwards at small N, so read fd against this floor, not against 0);
-      class_acc: how often a k-nearest-neighbour classifier of the real training images (in the same space)
-        names the class each sample was generated for; class_acc_real: its accuracy on the held-out images."""
+    """A Frechet distance in a PCA space of pixels and a classifier's accuracy, fit on real training images only
+    (numpy, seconds on a CPU). Called on samples (N, H, W, 3) and their labels: fd, the FD to held-out real images
+    over the top `dim` components; fd_floor, that of as many real training images (a perfect model's: FD is biased
+    upwards at small N); class_acc, how often a k-nearest-neighbour classifier of the training images names the
+    class a sample was made for; class_acc_real, its accuracy on the held-out images."""
 
     def __init__(self, train_images, train_labels, ref_images, ref_labels, dim=64, k=5):
-        x = pixels(train_images)
+        x = self.pixels(train_images)
         self.mean = x.mean(0)
         _, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))  # eigenvalues in ascending order
         self.components = eigvec[:, ::-1][:, :dim]  # (H*W*3, dim) the top principal directions
@@ -419,13 +394,16 @@ class SmallImageMetric:
         self.ref_stats = ref.mean(0), np.cov(ref, rowvar=False)
         self.class_acc_real = float((self.classify(ref) == np.asarray(ref_labels)).mean())
 
+    @staticmethod
+    def pixels(images):
+        return np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255  # (N, H*W*3) in [0, 1]
+
     def project(self, images):
-        return (pixels(images) - self.mean) @ self.components  # (N, dim)
+        return (self.pixels(images) - self.mean) @ self.components  # (N, dim)
 
     def classify(self, f):
-        """The majority class of the k nearest training images of each row of f (N, dim); ties go to the lower class."""
-        sq = (self.train ** 2).sum(1)
-        votes = []
+        """The majority class of the k nearest training images of each row of f (N, dim); ties to the lower class."""
+        sq, votes = (self.train ** 2).sum(1), []
         for part in np.array_split(f, math.ceil(len(f) / 1000)):  # (n, len(train)) distances at a time
             d = (part ** 2).sum(1)[:, None] - 2 * part @ self.train.T + sq
             nearest = self.train_labels[np.argpartition(d, self.k, axis=1)[:, :self.k]]  # (n, k)
@@ -453,8 +431,7 @@ def check_images(dtype, shape, where):
 
 
 def check_count(n, where, covariance=True):
-    """At least 4 images (a covariance needs 2, precision/recall k + 1 = 4); a one-line warning below 2048
-    when their covariance is computed."""
+    """At least 4 images (precision/recall need k + 1); a warning below 2048 when their covariance is computed."""
     if n < 4:
         raise SystemExit(f"error: {where}: {n} image{'s' * (n != 1)}; FID and precision/recall need at least 4 "
                          f"(the paper scores 50,000 against ADM's 10,000)")
@@ -464,7 +441,6 @@ def check_count(n, where, covariance=True):
 
 
 def open_npz(path):
-    """The zip archive an .npz is, or one error line."""
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -472,12 +448,11 @@ def open_npz(path):
 
 
 class NpzImages:
-    """arr_0 of an .npz read in contiguous slices through zipfile, stored (np.savez) or deflated
-    (np.savez_compressed) alike, as ADM's evaluator reads it. np.load(path, mmap_mode='r') reads .npz
-    members whole, and a memory map would count every page read as memory of the process."""
+    """arr_0 of an .npz read in contiguous slices through zipfile, stored or deflated alike, as ADM's evaluator:
+    np.load(mmap_mode='r') reads .npz members whole, and a memory map counts each page read as the process's."""
 
     def __init__(self, path):
-        self.path, self.zip = path, open_npz(path)
+        self.path, self.zip, self.pos = path, open_npz(path), 0  # pos: the image the file is at
         keys = [n[:-len('.npy')] for n in self.zip.namelist()]
         if 'arr_0' not in keys:
             raise SystemExit(f"error: {path} has no 'arr_0' (keys: {keys}); expected uint8 images (N, H, W, 3) in "
@@ -497,7 +472,6 @@ class NpzImages:
         if self.zip.getinfo('arr_0.npy').file_size != self.start + len(self) * self.row:
             raise SystemExit(f"error: {path}: arr_0 holds {self.zip.getinfo('arr_0.npy').file_size - self.start} "
                              f"bytes of data, not the {len(self) * self.row} of its shape {self.shape}; write it again")
-        self.pos = 0  # the image the file is at
 
     def __len__(self):
         return self.shape[0]
@@ -527,8 +501,8 @@ def read_image(path, size_only=False):
 
 
 class FolderImages:
-    """The images of a folder, searched recursively, in sorted order, decoded slice by slice. Every header is
-    read up front, so that a bad file or a second size stops the run before the first batch, not hours in."""
+    """A folder's images, searched recursively and sorted, decoded slice by slice; every header is read first, so
+    that a bad file or a second size stops the run before the first batch, not hours in."""
 
     def __init__(self, path):
         self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
@@ -561,36 +535,26 @@ def load_images(path):
     raise SystemExit(f"error: {path}: {'not an .npz file or a folder' if os.path.exists(path) else 'no such file'}")
 
 
-def read_stats(zf, path):
-    """The statistics in a reference batch .npz, checked against ADM's layout, or {} when it has none."""
-    ref = {}
-    for k in STATS_SHAPES:
-        if k + '.npy' in zf.namelist():
+def load_reference(path, model, batch_size=64, device='cpu', resize='tf1', log=None):
+    """(statistics, pool3 features or None) of a reference batch .npz (mu, sigma, maybe mu_s, sigma_s, and images
+    arr_0, as ADM's VIRTUAL_imagenet256_labeled.npz) or of any image set."""
+    ref, images = {}, None
+    if os.path.isfile(path) and path.endswith('.npz'):
+        zf = open_npz(path)
+        for k in [k for k in STATS_SHAPES if k + '.npy' in zf.namelist()]:
             try:
                 with zf.open(k + '.npy') as f:
                     ref[k] = np.lib.format.read_array(f)
             except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 raise SystemExit(f"error: {path}: '{k}' is not a readable array ({one_line(e)})")
-    needed = ['mu', 'sigma'] + (['mu_s', 'sigma_s'] if 'mu_s' in ref or 'sigma_s' in ref else [])
-    for k in needed if ref else []:
-        if k not in ref or ref[k].shape != STATS_SHAPES[k]:
-            raise SystemExit(f"error: {path}: '{k}' is {ref[k].shape if k in ref else 'missing'}, expected "
-                             f"{STATS_SHAPES[k]} (ADM's reference batch layout: mu, sigma, mu_s, sigma_s)")
-    return ref
-
-
-def load_reference(path, model, batch_size=64, device='cpu', resize='tf1', log=None):
-    """(statistics, pool3 features or None) of a reference batch .npz (mu, sigma, optionally mu_s, sigma_s and
-    the images arr_0, as ADM's VIRTUAL_imagenet256_labeled.npz) or of any image set."""
-    ref, images = {}, None
-    if os.path.isfile(path) and path.endswith('.npz'):
-        zf = open_npz(path)
-        ref = read_stats(zf, path)
+        for k in (['mu', 'sigma'] + (['mu_s', 'sigma_s'] if 'mu_s' in ref or 'sigma_s' in ref else [])) if ref else []:
+            if k not in ref or ref[k].shape != STATS_SHAPES[k]:
+                raise SystemExit(f"error: {path}: '{k}' is {ref[k].shape if k in ref else 'missing'}, expected "
+                                 f"{STATS_SHAPES[k]} (ADM's reference batch layout: mu, sigma, mu_s, sigma_s)")
         if not ref and 'arr_0.npy' not in zf.namelist():
             raise SystemExit(f"error: {path} has neither statistics (mu, sigma) nor images (arr_0); keys: "
                              f"{[n[:-len('.npy')] for n in zf.namelist()]}")
-        if 'arr_0.npy' in zf.namelist():  # with statistics, the images serve precision/recall only (as in ADM)
-            images = NpzImages(path)
+        images = NpzImages(path) if 'arr_0.npy' in zf.namelist() else None  # with statistics: precision/recall only
     else:
         images = load_images(path)
     if images is None:
@@ -601,8 +565,8 @@ def load_reference(path, model, batch_size=64, device='cpu', resize='tf1', log=N
 
 
 def save_reference(path, s, images, batch_size=64):
-    """Statistics s and the images (for precision/recall) as a reference batch in np.savez's layout (a zip of
-    stored .npy members), the images copied batch by batch, written whole or not at all."""
+    """Statistics s and the images (for precision/recall) as a reference batch in np.savez's layout, the images
+    copied batch by batch, written whole or not at all."""
     def write(f):
         with zipfile.ZipFile(f, 'w', allowZip64=True) as zf:
             for k, v in s.items():
@@ -619,22 +583,21 @@ def save_reference(path, s, images, batch_size=64):
 
 
 def bench(args, device):
-    """Feature extraction images/s at batch args.bench on random 256x256 images (resize, network, copy back),
-    with random weights when the weights file is missing: the speed does not depend on them."""
+    """Feature extraction images/s at batch args.bench on random 256x256 images (resize, network, copy back), with
+    random weights when the weights file is missing: the speed does not depend on them."""
     path = os.path.expanduser(args.inception)
     model = load_inception(path, device) if os.path.isfile(path) else FIDInception().to(device).eval()
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.bench, 256, 256, 3), dtype=torch.uint8, generator=g)  # (B, 256, 256, 3)
+    images = torch.randint(0, 256, (args.bench, 256, 256, 3), dtype=torch.uint8, generator=g)
     # warm-up: the CUDA context and cuDNN's choices for this shape; a CPU needs only its first small pass
     features(model, images if device.startswith('cuda') else images[:2], args.bench, device, args.resize)
     t0, n = time.time(), 0
     while n == 0 or time.time() - t0 < BENCH_SECONDS:  # features() ends on a copy to the host: all is timed
         features(model, images, args.bench, device, args.resize)
         n += 1
-    peak = peak_memory(device)
     print(f"bench: {n * args.bench / (time.time() - t0):.1f} images/s at batch {args.bench} on {device} (--resize "
           f"{args.resize}), {'weights ' + path if os.path.isfile(path) else 'random weights: no ' + path}; "
-          f"peak memory {peak}")
+          f"peak memory {peak_memory(device)}")
 
 
 def main(args):
@@ -646,8 +609,8 @@ def main(args):
     if args.samples is None or (args.ref is None and args.save_stats is None):
         raise SystemExit("error: give SAMPLES and REF to compare them, or SAMPLES --save_stats OUT.npz to write "
                          "their statistics (or --bench)")
-    out_dir = os.path.dirname(args.save_stats or '.') or '.'
-    if args.save_stats and (os.path.isdir(args.save_stats) or not os.path.isdir(out_dir)):
+    folder = os.path.dirname(args.save_stats or '.') or '.'
+    if args.save_stats and (os.path.isdir(args.save_stats) or not os.path.isdir(folder)):
         raise SystemExit(f"error: --save_stats {args.save_stats}: not a file name in an existing folder")
     if args.save_stats and os.path.exists(args.save_stats):
         raise SystemExit(f"error: --save_stats {args.save_stats} exists; delete it first, or choose another name")
@@ -663,15 +626,13 @@ def main(args):
     if args.save_stats:  # the images too, so that precision/recall work against this file
         save_reference(args.save_stats, stats(feats), images, args.batch_size)
         print(f"wrote {args.save_stats} (mu, sigma, mu_s, sigma_s, arr_0; --resize {args.resize})")
-    if ref is not None:
-        for k, v in metrics(feats, *ref, device=device, is_splits=args.is_splits).items():
-            print(f"{METRIC_NAMES[k]} {v:.4f}")
+    for k, v in metrics(feats, *ref, device=device, is_splits=args.is_splits).items() if ref is not None else ():
+        print(f"{METRIC_NAMES[k]} {v:.4f}")
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('samples', nargs='?', default=None,
-                        help='.npz with arr_0 (uint8 N, H, W, 3) or a folder of images')
+    parser.add_argument('samples', nargs='?', default=None, help='.npz with arr_0 (uint8 N, H, W, 3) or a folder')
     parser.add_argument('ref', nargs='?', default=None,
                         help='reference batch .npz (mu, sigma, mu_s, sigma_s, arr_0) or another image set')
     parser.add_argument('--save_stats', default=None, metavar='OUT.npz',

@@ -2,22 +2,16 @@
 The prediction heads of Heptapod (Sec. 4.3, Fig. 5), the token heads, and `Heptapod`, the whole model: the causal
 Transformer of model.py + a prediction head + a token head. Training is train.py, sampling sample.py.
 
-Next 2D distribution prediction: after each causal step t the head predicts the distribution of the
-tokens at the positions not yet seen, from the causal states h_0..h_t (h_0 is the class state).
-
-- GlobalHead (Fig. 5 left): h_1..h_t sit at their own grid positions, every other position holds a
-  learnable mask token; position embeddings are added and a bidirectional Transformer runs over the
-  whole grid. It predicts all N positions (window w = N = 256).
-- LocalHead (Fig. 5 right): the grid is cut into chunks of w positions; learnable queries for the chunk
-  that holds the next position cross-attend to h_0..h_t, then self-attend within the chunk. One extra
-  attention block per layer compared with the global head.
-
-Either way a token head scores the positions not yet seen: a linear classifier with cross-entropy for
-discrete (VQ) tokens, or MAR's diffusion MLP conditioned on the head's output for continuous (VAE) tokens.
-Supervision density n (`--density`, Sec. 5.3/5.5): n prefix lengths per sequence, run as one batched head
-call. The 1D baselines of Table 1 (`--head linear`) have no head: each causal state predicts the single
-next token through the token head, as a language model does; next-patch prediction (NPP) is one more
-1D loss, Heptapod.npp_loss.
+Next 2D distribution prediction: after each causal step t the head predicts the distribution of the tokens at
+the positions not yet seen, from the causal states h_0..h_t (h_0 is the class state).
+- GlobalHead (Fig. 5 left): h_1..h_t at their own grid positions, learnable mask tokens elsewhere, position
+  embeddings added, a bidirectional Transformer over the whole grid: it predicts all N positions (w = N).
+- LocalHead (Fig. 5 right): learnable queries for the chunk of w positions that holds the next position
+  cross-attend to h_0..h_t, then self-attend within the chunk.
+A token head scores the positions not yet seen: a linear classifier with cross-entropy for discrete (VQ) tokens,
+or MAR's diffusion MLP conditioned on the head's output for continuous (VAE) tokens. Density n (`--density`, Sec.
+5.3): n prefixes per sequence in one batched head call. The 1D baselines of Table 1 (`--head linear`) have no
+head: each causal state predicts the next token, as a language model; next-patch prediction is Heptapod.npp_loss.
 """
 import math
 
@@ -41,9 +35,8 @@ class GlobalHead(nn.Module):
         init_weights(self, init, n_layer)  # mask token and position embeddings N(0, 0.02), as MAR
 
     def forward(self, h, orders, prefix_lens):
-        """h: (B, N, C) causal states, h[:, t] has seen t tokens; orders: (B, N) the positions in reading
-        order; prefix_lens: (B, n) prefix lengths t in [0, N). Returns, for the B*n prefixes, the
-        predictions z (B*n, N, C), the grid positions they are for (B*n, N) and which are seen (B*n, N)."""
+        """h (B, N, C): h[:, t] has seen t tokens; orders (B, N): positions in reading order; prefix_lens (B, n) in
+        [0, N). Returns for the B*n prefixes z (B*n, N, C), the grid positions of z (B*n, N), which are seen."""
         B, N, C = h.shape
         n = prefix_lens.size(1)
         rank = orders.argsort(dim=1)  # (B, N) the step at which each grid position is read
@@ -82,8 +75,7 @@ class CrossAttention(nn.Module):
 
 
 class LocalHead(nn.Module):
-    """Learnable queries for the chunk of the next position: cross-attention to the prefix, then
-    self-attention within the chunk, layer after layer."""
+    """Queries for the chunk of the next position: cross-attention to the prefix, then self-attention in the chunk."""
 
     def __init__(self, grid_size, window, n_layer, n_embd, n_head, init='mar'):
         super().__init__()
@@ -104,13 +96,11 @@ class LocalHead(nn.Module):
         init_weights(self, init, n_layer)
 
     def memory(self, h, pos):
-        """The states h (B, T, C), each plus the embedding of the grid position pos (B, T') of the token it has just
-        read, as the global head places them; the first T - T' (the class state h_0) have none."""
+        """States h (B, T, C) + the embedding of the position pos (B, T') just read (the class state h_0: none)."""
         return h + F.pad(self.pos_emb[0, pos], (0, 0, h.size(1) - pos.size(1), 0))
 
     def forward(self, h, orders, prefix_lens):
-        """As GlobalHead.forward, but for the w positions of the chunk that holds the next position
-        orders[:, t]: returns z (B*n, w, C), positions (B*n, w), seen (B*n, w)."""
+        """As GlobalHead.forward, for the w positions of the chunk of orders[:, t]: z (B*n, w, C), positions, seen."""
         B, N, C = h.shape
         n, w = prefix_lens.size(1), self.window
         positions = self.chunk_pos[self.chunk_of[orders.gather(1, prefix_lens)]]  # (B, n, w)
@@ -140,8 +130,7 @@ class LocalHead(nn.Module):
             cross.cache = None
 
     def extend(self, h, pos, input_pos):
-        """Project the new states h (B, T, C), made after reading the tokens at grid positions pos (B, T') (T' = T - 1
-        for the class state), into the cache as memory entries input_pos (T,)."""
+        """The new states h (B, T, C), after reading positions pos, into the cache as entries input_pos (T,)."""
         memory = self.memory(h, pos)
         for cross in self.cross:
             cross.cache.update(input_pos, *cross.keys_values(memory))
@@ -195,16 +184,14 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.ada = nn.Linear(width, 3 * width)  # shift, scale and gate from SiLU(condition)
 
-    def forward(self, x, y):
-        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+    def forward(self, x, shift, scale, gate):
+        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.norm(x), 1 + scale)))
 
 
 class DiffusionMLP(nn.Module):
-    """MAR's denoising MLP (SimpleMLPAdaLN in LTH14/mar models/diffloss.py): from a noisy token x_t, the
-    timestep t and the head's output z, predict the noise and the variance interpolation v of x_t."""
+    """MAR's denoising MLP (SimpleMLPAdaLN, LTH14/mar models/diffloss.py): (x_t, t, z) -> the noise and v of x_t."""
 
     def __init__(self, token_dim, n_embd, width, depth):
         super().__init__()
@@ -213,7 +200,7 @@ class DiffusionMLP(nn.Module):
         self.input_proj = nn.Linear(token_dim, width)
         self.blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.final_ada = nn.Linear(width, 2 * width)
         self.final = nn.Linear(width, 2 * token_dim)  # noise and v: learned variance (IDDPM)
         for m in self.modules():  # MAR's initialisation
             if isinstance(m, nn.Linear):
@@ -221,41 +208,36 @@ class DiffusionMLP(nn.Module):
                 nn.init.zeros_(m.bias)
         for m in (self.time_embed[0], self.time_embed[2]):
             nn.init.normal_(m.weight, std=0.02)
-        for m in [b.ada[1] for b in self.blocks] + [self.final_ada[1], self.final]:
+        for m in [b.ada for b in self.blocks] + [self.final_ada, self.final]:
             nn.init.zeros_(m.weight)  # every block starts as the identity, and the output at 0
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, z):
-        y = self.time_embed(timestep_embedding(t)) + self.cond_embed(z)  # (M, W) the condition
+        return self.run(x, self.time_embed(timestep_embedding(t)) + self.cond_embed(z), *self.modulation())
+
+    def modulation(self):  # every block's modulation weights as one matrix: one matmul for all of them
+        ada = [b.ada for b in self.blocks] + [self.final_ada]
+        return torch.cat([m.weight for m in ada]), torch.cat([m.bias for m in ada])  # ((3 depth + 2) W, W), (..)
+
+    def run(self, x, y, weight, bias):
+        # x: (M, D) noisy tokens; y: (M, W) the condition, time + z
+        mods = F.linear(F.silu(y), weight, bias).split(y.size(-1), dim=-1)  # shift, scale, gate per block, ...
         x = self.input_proj(x)
-        for block in self.blocks:
-            x = run_block(block, x, y)
-        shift, scale = self.final_ada(y).chunk(2, dim=-1)
-        return self.final(self.final_norm(x) * (1 + scale) + shift)  # (M, 2D)
+        for b, block in enumerate(self.blocks):
+            x = run_block(block, x, *mods[3 * b:3 * b + 3])
+        return self.final(torch.addcmul(mods[-2], self.final_norm(x), 1 + mods[-1]))  # (M, 2D)
 
     def denoiser(self, z, timesteps):
-        """forward for sampling: (x, k) -> the output for tokens x (M, D) at timesteps[k], the condition z (M, C)
-        fixed. What no step changes is computed once: the time embedding of every step, z's projection, and the
-        modulations of all blocks come from one matmul per step."""
-        t_emb, cond = self.time_embed(timestep_embedding(timesteps)), self.cond_embed(z)  # (S, W), (M, W)
-        ada = [b.ada[1] for b in self.blocks] + [self.final_ada[1]]
-        weight, bias = torch.cat([m.weight for m in ada]), torch.cat([m.bias for m in ada])  # ((3 depth + 2) W, W)
-
-        def out(x, k):
-            mods = F.linear(F.silu(t_emb[k] + cond), weight, bias).split(cond.size(1), dim=-1)  # shift, scale, gate..
-            x = self.input_proj(x)
-            for b, block in enumerate(self.blocks):
-                shift, scale, gate = mods[3 * b:3 * b + 3]
-                x = torch.addcmul(x, gate, block.mlp(torch.addcmul(shift, block.norm(x), 1 + scale)))
-            return self.final(torch.addcmul(mods[-2], self.final_norm(x), 1 + mods[-1]))  # (M, 2D)
-        return out
+        """forward for sampling, z (M, C) fixed: (x, k) -> the output at timesteps[k], with what no step changes (the
+        time embeddings, z's projection, the modulation weights) computed once."""
+        t_emb, cond, mod = self.time_embed(timestep_embedding(timesteps)), self.cond_embed(z), self.modulation()
+        return lambda x, k: self.run(x, t_emb[k] + cond, *mod)
 
 
 class GaussianDiffusion(nn.Module):
-    """DDPM with the cosine schedule over 1000 steps, epsilon prediction and a learned variance between
-    the posterior's and beta_t (IDDPM, as in MAR's diffusion/). With num_sampling_steps < 1000 the chain
-    is respaced: it keeps evenly spaced timesteps and recomputes betas from their alpha_bar. The float64
-    tables are buffers, so they move with the model; they are not saved (they follow from the arguments)."""
+    """DDPM, cosine schedule over 1000 steps, epsilon prediction, a learned variance between the posterior's and
+    beta_t (IDDPM, as MAR's diffusion/); fewer sampling steps respace it (IDDPM respace.py). The float64 tables
+    are buffers, not saved."""
 
     def __init__(self, num_sampling_steps=1000, num_steps=1000):
         super().__init__()
@@ -294,9 +276,8 @@ class GaussianDiffusion(nn.Module):
         return mean, self._at(self.posterior_log_var, i)
 
     def p_mean_logvar(self, eps, v, x_t, i, clip=False):
-        """The model's p(x_{t-1} | x_t): x0 from the predicted noise (clipped to [-1, 1] only for bounded
-        tokens, as IDDPM for images; MAR's latents are not), the posterior mean, and a log-variance
-        interpolated by v between the posterior's and log beta_t."""
+        """p(x_{t-1} | x_t): x0 from the noise (clipped only for bounded tokens, as IDDPM's images; MAR's latents are
+        not), the posterior mean, and a log-variance interpolated by v between the posterior's and log beta_t."""
         ac = self._at(self.alphas_cumprod, i)
         x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
         if clip:
@@ -306,8 +287,8 @@ class GaussianDiffusion(nn.Module):
         return self.posterior(x0, x_t, i)[0], logvar
 
     def loss(self, net, x0, z, i, noise):
-        """Per-row loss (M,) of IDDPM's hybrid objective at timestep indices i (M,) with noise (M, D): MSE on the
-        noise plus the variational bound, which trains only the variance (the mean enters it detached)."""
+        """IDDPM's hybrid loss per row (M,) at timestep indices i: MSE on the noise + the variational bound, which
+        trains only the variance."""
         x_t = self.q_sample(x0, i, noise)
         eps, v = net(x_t, self.timesteps[i], z).float().chunk(2, dim=-1)
         mse = ((noise - eps) ** 2).mean(-1)
@@ -320,12 +301,10 @@ class GaussianDiffusion(nn.Module):
         return mse + vb
 
     def sample(self, denoise, noise, cfg=None, clip=False):
-        """Ancestral sampling (p_mean_logvar, step by step) from x = noise[0] (B, D), noise[S - k] (B, D) entering
-        at step k: the caller scales it by the temperature (MAR). denoise(x, k): the network at timesteps[k]. With
-        cfg (a 0-d tensor), denoise runs on the rows twice, the 'no class' copy second, and only the noise prediction
-        is guided. A fixed function of its tensors, so a CUDA graph can replay it (sample.CUDAGraphs).
-        The first respaced step has beta ~ 1 - 2.5e-6, so it multiplies the error of the predicted noise
-        by ~630: MAR's networks are exact enough there; small, briefly trained ones need clip=True."""
+        """Ancestral sampling (p_mean_logvar per step) from x = noise[0] (B, D), noise[S - k] entering at step k,
+        denoise(x, k) the network at timesteps[k]. With cfg (a 0-d tensor) denoise runs on 2B rows, 'no class'
+        second, and the noise is guided. A fixed function of its tensors: a CUDA graph can replay it. The first
+        respaced step multiplies the noise's error by ~630 (beta ~ 1 - 2.5e-6): small models need clip=True."""
         x, S = noise[0], len(self.steps)
         for k in reversed(range(S)):
             eps, v = denoise(x if cfg is None else torch.cat([x, x]), k).float().chunk(2, dim=-1)
@@ -342,8 +321,7 @@ class GaussianDiffusion(nn.Module):
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log-likelihood of x under a Gaussian discretised to bins of width 2/255 (ADM's decoder term,
-    with the tanh approximation of the normal CDF)."""
+    """log p(x) of a Gaussian discretised to bins of 2/255 (ADM's decoder term, tanh approximation of the CDF)."""
     def cdf(u):
         return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
     inv_std = torch.exp(-log_scale)
@@ -374,9 +352,8 @@ class DiffusionLoss(nn.Module):
         return self.train_diffusion.loss(self.net, x0, z, i, noise).mean()  # over the scored tokens and repeats
 
     def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=100, graphs=None):
-        """One token (B, D) per row of z (B, C), or of its first half with CFG, by `diffusion_steps` respaced steps
-        (MAR: 100). Every noise draw is made up front, so the chain is a fixed function of (z, noise) that `graphs`
-        (sample.CUDAGraphs) may replay."""
+        """A token (B, D) per row of z (B, C) (its first half with CFG) in `diffusion_steps` (MAR: 100), all noise drawn
+        first: the chain is a function of (z, noise) that `graphs` (sample.CUDAGraphs) may replay."""
         key = (diffusion_steps, str(z.device))
         if key not in self.respaced:
             self.respaced[key] = GaussianDiffusion(diffusion_steps).to(z.device)
@@ -408,10 +385,8 @@ def take(x, index):
 
 
 class Heptapod(nn.Module):
-    """Causal Transformer (model.py) + prediction head + token head. The constructor's arguments are
-    saved in every checkpoint as `config`, so sample.py rebuilds the model without flags.
-    Discrete tokens (token_dim = 0): ids in [0, vocab_size), a linear classifier. Continuous tokens
-    (token_dim = D): D-dim vectors, a diffusion MLP of diffusion_width x diffusion_depth (MAR)."""
+    """Causal Transformer (model.py) + prediction head + token head: a linear classifier for ids in [0, vocab_size)
+    (token_dim 0), MAR's diffusion MLP for D-dim vectors. Its arguments, `config`, are saved in every checkpoint."""
 
     def __init__(self, vocab_size, num_classes, grid_size, n_layer, n_embd, n_head, head='global', head_depth=None,
                  window=None, token_dim=0, diffusion_width=None, diffusion_depth=None, clip_denoised=False,
@@ -444,10 +419,8 @@ class Heptapod(nn.Module):
             self.token_head = LinearClassifier(n_embd, vocab_size, init)
 
     def forward(self, idx, labels, orders, prefix_lens, generator=None, patch_size=1):
-        """idx: (B, N) token ids or (B, N, D) vectors in raster order; labels: (B,); orders: (B, N) the
-        generation order of each sample; prefix_lens: (B, n) the steps to supervise (2D heads);
-        generator: the diffusion's noise (continuous tokens); patch_size > 1: next-patch prediction (NPP).
-        Returns the mean loss of the scored tokens."""
+        """The mean loss of the scored tokens. idx: (B, N) ids or (B, N, D) vectors in raster order; orders (B, N): the
+        generation orders; prefix_lens (B, n): the steps the 2D heads supervise; patch_size > 1: NPP."""
         if patch_size > 1:
             return self.npp_loss(idx, labels, patch_size)
         seq = take(idx, orders)  # tokens in generation order
@@ -463,10 +436,9 @@ class Heptapod(nn.Module):
         return self.token_head.loss(z, targets, generator)
 
     def npp_loss(self, idx, labels, p):
-        """Next-patch prediction (NPP Sec. 3.2), for the 1D raster model: each p x p patch is one input, the
-        mean of its token embeddings (Eq. 2), at the position of its patch-grid coordinates (NPP keeps the
-        patch's (h, w) for RoPE); each step predicts one distribution, scored against all p^2 codes of the
-        next patch (Eq. 3). The sequence is N / p^2 long."""
+        """Next-patch prediction (NPP Sec. 3.2) of the 1D raster model: a p x p patch is one input, the mean of its
+        token embeddings (Eq. 2) at its patch-grid coordinates (NPP's RoPE keeps them); each step's distribution is
+        scored against all p^2 codes of the next patch (Eq. 3)."""
         B, G, C, t = len(idx), self.grid_size, self.config['n_embd'], self.transformer
         g = G // p
         emb = t.tok_emb(idx).view(B, g, p, g, p, C).mean(dim=(2, 4)).flatten(1, 2)  # (B, g*g, C)
@@ -478,15 +450,11 @@ class Heptapod(nn.Module):
         return -logp.gather(-1, codes).mean()  # Eq. 3: the mean over all N codes
 
     def flops_per_image(self, density):
-        """Training FLOPs per image (forward + backward = 3 x forward), by part. A matmul of m x k by k x n
-        counts 2mkn. Per layer of width C over T tokens: 24 T C^2 for the linears (qkv 3C^2, proj C^2,
-        MLP 8C^2) and 4 T Tk C for attention over Tk keys (QK^T and AV), halved when causal.
-        Backbone: T = N causal. Global head: n prefixes of T = N+1. Local head: n prefixes of w queries,
-        each layer adding cross-attention (8 w C^2 + 4 w N C, keys projected once per image: 4 N C^2).
-        Token head: 2 x (its linear weights) for every scored position, times 4 noised copies for the diffusion
-        MLP: N for the 1D models, and the unseen positions of each prefix for the 2D heads, (w + 1) / 2 of the w
-        outputs on average (the prefix length t is uniform in [0, N): N - t unseen of the global head's N, and
-        1 + (w - 1)(N - 1 - t)/(N - 1) of the local head's chunk)."""
+        """Training FLOPs per image by part (3 x forward; a matmul m x k by k x n counts 2mkn). A layer of width C
+        over T tokens: 24 T C^2 (linears) + 4 T Tk C (attention to Tk keys, halved when causal). Backbone: T = N.
+        Global head: n prefixes of T = N+1. Local head: n prefixes of w queries, + cross-attention per layer (8 w C^2
+        + 4 w N C; keys once per image, 4 N C^2). Token head: 2 x its weights per scored position (x 4 noised copies
+        for diffusion): N for the 1D models, (w + 1) / 2 unseen of the w per prefix on average for the 2D heads."""
         cfg = self.config
         C, L, N, kind = cfg['n_embd'], cfg['n_layer'], self.grid_size ** 2, cfg['head']
         backbone = L * (24 * N * C ** 2 + 2 * N * N * C)

@@ -1,12 +1,11 @@
 """
-The causal Transformer of Heptapod (Sec. 4.2, Table 3 of the paper): the first half of the model. The whole
-model, this backbone plus a prediction head and a token head, is `heads.Heptapod`; sampling is sample.py.
+The causal Transformer of Heptapod (Sec. 4.2, Table 3): the first half of the model. The whole model, this
+backbone + a prediction head + a token head, is `heads.Heptapod`; training is train.py, sampling sample.py.
 
-The sequence is [class, x_1, ..., x_{N-1}]: a class token, then the image tokens in generation order. Each
-token is embedded with the learnable embedding of *its own* 2D grid position, never the next one: the model is
-not told where the next token will be (Fig. 4 right). Attention is causal, so h_t, the output after the class
-and t tokens, has seen exactly the prefix of length t. The 1D baselines of Table 1 (`--head linear`) are the
-one exception, in one labelled branch of `Transformer.embed`: they are told the position of their target.
+The sequence is [class, x_1, ..., x_{N-1}]: a class token, then the image tokens in generation order, each
+embedded with the embedding of *its own* 2D grid position: the model is never told where the next token will be
+(Fig. 4 right). Attention is causal, so h_t, the output after the class and t tokens, has seen exactly t tokens.
+The 1D baselines of Table 1 (`--head linear`), told their target's position, are one branch of `Transformer.embed`.
 """
 import math
 
@@ -27,9 +26,8 @@ SIZES = {
 
 
 class KVCache:
-    """Keys and values of one attention layer's past tokens, for incremental decoding (after gpt-fast's KVCache).
-    A plain object, so it never enters the state dict. Its storage is made at the first update, in the dtype of
-    the keys it stores: bf16 under autocast, fp32 without, whatever the weights are."""
+    """Keys and values of past tokens for incremental decoding (gpt-fast's KVCache); a plain object, out of the
+    state dict, whose storage is made at the first update in the keys' dtype (bf16 under autocast)."""
 
     def __init__(self, batch_size, n_head, max_len, head_dim):
         self.shape = (batch_size, n_head, max_len, head_dim)
@@ -93,19 +91,16 @@ class Block(nn.Module):
 
 
 def run_block(block, *args):
-    """block(*args), recomputing its activations during backward when block.grad_checkpointing is set
-    (train.py --grad_checkpointing: memory for compute, e.g. H with dense supervision)."""
+    """block(*args), recomputing its activations in backward with train.py --grad_checkpointing (memory for time)."""
     if block.training and getattr(block, 'grad_checkpointing', False):
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
     return block(*args)
 
 
 def init_weights(module, init='mar', n_layer=1):
-    """init 'mar': MAR's initialisation (LTH14/mar models/mar.py, after the official JAX ViT), N(0, 0.02) for
-    embeddings, position tables and mask tokens and xavier-uniform linears, whose scale follows the width (std 0.026
-    for B's qkv, 0.09 at width 64). 'gpt2': nanoGPT's, N(0, 0.02) for every weight and residual projections scaled
-    by 1/sqrt(2 n_layer): too small a scale for the CPU sizes (README, "Why the 2D model once learned slower").
-    Both: zero biases, LayerNorms at 1."""
+    """'mar': MAR's (LTH14/mar models/mar.py): N(0, 0.02) tables and mask tokens, xavier-uniform linears (std 0.026
+    for B's qkv, 0.09 at width 64). 'gpt2': nanoGPT's N(0, 0.02) everywhere, residual projections / sqrt(2 n_layer):
+    too small at the CPU widths (README, "Why the 2D model once learned slower"). Both: zero biases, LayerNorms 1."""
     for name, p in module.named_parameters():
         if name.endswith('bias'):
             nn.init.zeros_(p)
@@ -139,15 +134,14 @@ class Transformer(nn.Module):
         init_weights(self, init, n_layer)
 
     def forward(self, idx, labels, pos, target_pos=None):
-        """Training and reference path. idx: (B, T) token ids or (B, T, D) vectors in generation order; pos: (B, T)
-        their grid positions; labels: (B,). Returns h: (B, T+1, C), where h[:, t] has seen the class and the first
-        t tokens. target_pos (B, T+1): the position each input must predict, for the 1D baselines only."""
+        """idx: (B, T) ids or (B, T, D) vectors in generation order at grid positions pos (B, T); labels: (B,).
+        Returns h (B, T+1, C): h[:, t] has seen the class and t tokens. target_pos (B, T+1): the 1D baselines'."""
         x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(idx)], dim=1)  # (B, 1+T, C)
         return self.run(self.embed(x, pos, target_pos), is_causal=True)
 
     def embed(self, x, pos, target_pos=None):
-        """Inputs x (B, T', C) plus the embedding of each token's own grid position pos (B, T); when T' = T + 1 the
-        first input is the class token, which has no position (Sec. 4.2)."""
+        """Inputs x (B, T', C) + the embedding of each token's own grid position pos (B, T), Sec. 4.2; for T' = T + 1
+        the first input is the class token, which has none."""
         own = F.pad(self.pos_emb(pos), (0, 0, x.size(1) - pos.size(1), 0))  # (B, T', C), zero for the class token
         if self.target_position is None:
             return x + own  # the 2D model: never told where the next token goes (Fig. 4 right)
@@ -173,21 +167,19 @@ class Transformer(nn.Module):
             block.attn.cache = None
 
     def prefill(self, labels, target_pos=None):
-        """Put the class token into slot 0 of the cache; returns its state h_0: (B, 1, C)."""
+        """The class token into slot 0 of the cache; returns h_0 (B, 1, C)."""
         x = self.cls_emb(labels)[:, None]  # (B, 1, C)
         pos = torch.zeros(len(x), 0, dtype=torch.long, device=x.device)  # (B, 0): no token yet
         return self.run(self.embed(x, pos, target_pos), input_pos=torch.zeros(1, dtype=torch.long, device=x.device))
 
     def decode(self, idx, pos, input_pos, target_pos=None):
-        """Append tokens idx at grid positions pos (B, T') as sequence steps input_pos (T',); returns their states
-        (B, T', C)."""
+        """Tokens idx at grid positions pos (B, T') appended as sequence steps input_pos (T',) -> states (B, T', C)."""
         return self.run(self.embed(self.tok_emb(idx), pos, target_pos), input_pos=input_pos)
 
 
 def make_orders(batch_size, N, order, generator, rar_prob=1.0):
-    """The generation order of each sample, (B, N) grid positions: raster, uniformly random (Heptapod's
-    2D-random and the 1D-random baseline), or 'rar': random with probability rar_prob, raster otherwise,
-    per sample (RAR Sec. 3.2). All randomness comes from `generator`."""
+    """(B, N) grid positions in generation order: raster, uniformly random (2D- and 1D-random), or 'rar': random
+    with probability rar_prob per sample, else raster (RAR Sec. 3.2). Every draw from `generator`."""
     raster = torch.arange(N, device=generator.device).expand(batch_size, N)
     if order == 'raster':
         return raster

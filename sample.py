@@ -1,10 +1,10 @@
 """
-Sample images from a trained Heptapod: the (position, token) loop of Sec. 4.2 (`generate`), then the command line
-that writes, resumes and distributes it, --bench, and the figures of Fig. 3. The model is heads.Heptapod.
+Sample images from a trained Heptapod (heads.Heptapod): the (position, token) loop of Sec. 4.2 (`generate`), then
+the command line that writes, resumes and distributes it, --bench, and the figures of Fig. 3.
 
-At each step the head predicts the tokens at the positions not yet generated, a position is chosen
-(uniformly at random among them, as the paper), its token is sampled, and the pair is fed back to the
-causal Transformer through its KV cache, until the grid is full. No classifier-free guidance by default.
+At each step the head predicts the tokens at the positions not yet generated, a position is chosen (uniformly at
+random among them, as the paper), its token is sampled, and the pair is fed back to the causal Transformer through
+its KV cache, until the grid is full. No classifier-free guidance by default.
 
     python sample.py --ckpt out/ckpt.pt --num_images 100 --out samples.npz
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --num_images 50000 --out DIR   # the paper's protocol
@@ -13,9 +13,9 @@ causal Transformer through its KV cache, until the grid is full. No classifier-f
     python sample.py --ckpt out/ckpt.pt --bench                 # images/s, FLOPs, MFU, operators and time per step
     python sample.py --ckpt out/ckpt.pt --figures IMG --out figs  # Fig. 3: token similarity, last-layer attention
 
-writes the .npz (arr_0: uint8 NHWC images, arr_1: class labels, the ADM evaluator's layout), a .png
-grid of the first images, and one PNG per image. Finished batches are kept and skipped when run again with
-the same checkpoint and flags (--num_images may change); an --out of other samples is refused (--overwrite).
+writes the .npz (arr_0: uint8 NHWC images, arr_1: labels, the ADM evaluator's layout), a .png grid of the first
+images and one PNG per image. Finished batches are kept and skipped when run again with the same checkpoint and
+flags (--num_images may change); an --out of other samples is refused (--overwrite).
 """
 import argparse
 import collections
@@ -41,8 +41,8 @@ from tokenizers import (HelpFormatter, VQTokenizer, center_crop_arr, hold_lock, 
 
 
 def step_schedule(n, num_steps):
-    """Tokens placed at each of num_steps steps, summing to n: MAR's cosine schedule, which leaves
-    floor(n cos(pi/2 (s+1)/S)) tokens after step s, with at least one token per step (1 <= num_steps <= n)."""
+    """Tokens placed at each of num_steps steps, summing to n: MAR's cosine schedule, floor(n cos(pi/2 (s+1)/S)) left
+    after step s, at least one per step."""
     sizes, left = [], n
     for s in range(num_steps):
         after = math.floor(n * math.cos(math.pi / 2 * (s + 1) / num_steps))
@@ -53,8 +53,8 @@ def step_schedule(n, num_steps):
 
 
 def start_orders(B, N, position_order, keep, generator):
-    """(B, N) the positions in generation order: the kept positions first (in random order), then the others
-    in the chosen order (random: uniformly random, the paper; raster; confidence: filled in as generated)."""
+    """(B, N) positions in generation order: the kept ones first (in random order), then the others in the chosen
+    order (random: the paper's; raster; confidence: filled in as generated)."""
     if position_order == 'raster':
         return make_orders(B, N, 'raster', generator)  # a kept prefix is the first rows (sampling_errors)
     orders = make_orders(B, N, 'random', generator)
@@ -63,17 +63,9 @@ def start_orders(B, N, position_order, keep, generator):
     return orders
 
 
-def with_unconditional(labels, orders, num_classes, cfg):
-    """CFG (not the paper's): a 'no class' copy of every row, which reads the same positions and receives the same
-    tokens; the token head mixes the two (off at cfg = 1)."""
-    if cfg == 1.0:
-        return labels, orders
-    return torch.cat([labels, torch.full_like(labels, num_classes)]), orders.repeat(2, 1)
-
-
 def by_confidence(token_head, z, seen, rest, k, cfg):
-    """Not the paper's: `rest` (M, n), the positions left in order, with the k whose best token is most likely
-    (logits of z (M, N, C), the guided half with CFG) moved to the front."""
+    """Not the paper's: `rest` (M, n), the positions left, with the k whose best token is most likely (logits of z
+    (M, N, C), guided with CFG) moved to the front."""
     B = len(z) // 2 if cfg != 1.0 else len(z)
     conf = token_head.logits(z, cfg).log_softmax(-1).amax(-1).masked_fill(seen[:B], -math.inf)  # (B, N)
     chosen = conf.topk(k, dim=1).indices.repeat(len(z) // B, 1)  # (M, k)
@@ -84,43 +76,43 @@ def by_confidence(token_head, z, seen, rest, k, cfg):
 @torch.no_grad()
 def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
              position_order=None, prefix=None, use_cache=True, diffusion_steps=100, graphs=None):
-    """Tokens (B, N) or (B, N, D) in raster layout for class labels (B,). `order` is the training order (1D models
-    must sample in it; a 2D model predicts every position, so it may sample in any); position_order None follows it,
-    random being the paper's. num_steps < N places several tokens per step (MAR's cosine schedule), fed back
-    together. prefix = (tokens, keep (B, N) bool): the kept tokens are read first and returned unchanged (in- and
-    outpainting). use_cache=False recomputes the prefix at every step (the reference path). graphs: CUDAGraphs (or
-    a stand-in) through which the backbone, the head and the diffusion chain are called."""
+    """Tokens (B, N[, D]) in raster layout for labels (B,). `order`: the training order (1D models sample in it, 2D
+    ones in any position_order, None following it). num_steps < N places several tokens per step (MAR's cosine
+    schedule). prefix = (tokens, keep (B, N)): kept tokens are read first and returned unchanged (in/outpainting).
+    cfg != 1 (not the paper's) adds a 'no class' copy of every row. use_cache=False recomputes every prefix (the
+    reference). graphs: CUDAGraphs (or a stand-in) through which backbone, head and diffusion chain are called."""
     keep = None if prefix is None else prefix[1].to(labels.device)
     errors = sampling_errors(model.config, order, num_steps, position_order, keep)
     if errors:
         raise ValueError('; '.join(errors))
-    B, N, C, D, dev = len(labels), model.grid_size ** 2, model.config['n_embd'], model.config['token_dim'], labels.device
-    one_d, local = model.config['head'] == 'linear', model.config['head'] == 'local' and use_cache
+    config, B, N, dev, t_model = model.config, len(labels), model.grid_size ** 2, labels.device, model.transformer
+    C, D, one_d, local = config['n_embd'], config['token_dim'], config['head'] == 'linear', config['head'] == 'local'
+    local = local and use_cache  # the local head's cache
     position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
     K, orders = 0 if keep is None else int(keep[0].sum()), start_orders(B, N, position_order, keep, generator)
-    labels, orders = with_unconditional(labels, orders, model.num_classes, cfg)  # (M,), (M, N): M = B, 2B with CFG
-    M, t_model, run = len(labels), model.transformer, graphs or (lambda name, fn, *args: fn(*args))
-    tokens = torch.zeros(M, N, *([D] if D else []), dtype=torch.float if D else torch.long, device=dev)
+    if cfg != 1.0:  # the 'no class' copies read the same positions and receive the same tokens
+        labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
+    M, run = len(labels), graphs or (lambda name, fn, *args: fn(*args))
+    tokens = torch.zeros(M, N, *[D] * bool(D), dtype=torch.float if D else torch.long, device=dev)
     if keep is not None:
-        tokens[:] = prefix[0].to(tokens).repeat(M // B, *([1] * (tokens.dim() - 1)))
-    h = torch.zeros(M, N, C, device=dev)  # h[:, t]: the causal state after t tokens
+        tokens[:] = prefix[0].to(tokens).repeat(M // B, *[1] * (tokens.dim() - 1))
+    h, rows = torch.zeros(M, N, C, device=dev), torch.arange(M, device=dev)[:, None]  # h[:, t]: after t tokens
     target = (lambda a, b: orders[:, a:b]) if one_d else (lambda a, b: None)  # the 1D models' next positions
 
     def feed(t0, t1):  # the tokens of steps t0..t1-1 into the causal Transformer -> h[:, t0+1..t1]
         pos, steps = orders[:, t0:t1], torch.arange(t0 + 1, t1 + 1, device=dev)  # sequence index 0 is the class
-        if not use_cache:
+        if use_cache:
+            h[:, t0 + 1:t1 + 1] = run('backbone', t_model.decode, take(tokens, pos), pos, steps, target(t0 + 1, t1 + 1))
+        else:  # the reference: the whole prefix again
             h[:, t0 + 1:t1 + 1] = t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[
                 :, t0 + 1:]
-            return
-        h[:, t0 + 1:t1 + 1] = run('backbone', t_model.decode, take(tokens, pos), pos, steps, target(t0 + 1, t1 + 1))
         if local:  # the local head's cross-attention keys and values of the new states, once
             run('head', model.head.extend, h[:, t0 + 1:t1 + 1], pos, steps)
     try:
         if use_cache:
             t_model.setup_cache(M, N)
-            h[:, :1] = t_model.prefill(labels, target(0, 1))
-        else:
-            h[:, :1] = t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
+        h[:, :1] = t_model.prefill(labels, target(0, 1)) if use_cache else \
+            t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
         if local:
             model.head.setup_cache(M, N)
             model.head.extend(h[:, :1], orders[:, :0], torch.zeros(1, dtype=torch.long, device=dev))
@@ -138,9 +130,8 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
                 z = z.gather(1, slot[..., None].expand(M, k, C))  # (M, k, C)
             step_cfg = 1 + (cfg - 1) * (t + k) / N if D else cfg  # MAR's linear CFG schedule for continuous tokens
             tok = model.token_head.sample(z.flatten(0, 1), generator, temperature, step_cfg, top_k, diffusion_steps,
-                                          graphs)  # (B*k[, D]), the guided rows only with CFG
-            tok = tok.view(B, k, *tok.shape[1:])  # (B, k[, D])
-            tokens[torch.arange(M, device=dev)[:, None], orders[:, t:t + k]] = tok.repeat(M // B, *[1] * (tok.dim() - 1))
+                                          graphs).view(B, k, *[D] * bool(D))  # the guided rows only, with CFG
+            tokens[rows, orders[:, t:t + k]] = tok.repeat(M // B, *[1] * (tok.dim() - 1))
             if t + k < N:
                 feed(t, t + k)
             t += k
@@ -148,18 +139,17 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
         t_model.clear_cache()
         if local:
             model.head.clear_cache()
-        if graphs is not None:
+        if graphs:
             graphs.forget('backbone', 'head')  # they read this call's caches
     return tokens[:B]
 
 
 def sampling_errors(config, order, num_steps=None, position_order=None, keep=None):
-    """What a model (its config, trained in `order`) cannot do of these sampling settings, one message each:
-    sample.py checks them before it writes anything, generate() before it starts."""
-    N, head = config['grid_size'] ** 2, config['head']
-    training_order = 'raster' if order in ('raster', 'rar') else 'random'
-    position_order = position_order or training_order
-    left = N - (0 if keep is None else int(keep[0].sum()))  # the positions to generate
+    """What a model (its config, trained in `order`) cannot do of these settings, one message each: sample.py checks
+    them before it writes anything, generate() before it starts."""
+    N, head, training_order = config['grid_size'] ** 2, config['head'], 'raster' if order in ('raster', 'rar') else \
+        'random'
+    position_order, left = position_order or training_order, N - (0 if keep is None else int(keep[0].sum()))
     errors = []
     if num_steps is not None and not 1 <= num_steps <= left:
         errors.append(f"--num_steps {num_steps} must be in [1, {left}] (the positions to generate"
@@ -181,11 +171,10 @@ def sampling_errors(config, order, num_steps=None, position_order=None, keep=Non
 
 
 class CUDAGraphs:
-    """The sampler's step functions (the cached decoding step, the head, the diffusion chain) replayed as captured
-    CUDA graphs, one per name and input shapes: the inputs are copied into the graph's own tensors, the replay runs
-    the kernels of the eager call, and the outputs are cloned out. A function graphed here reads and writes only its
-    tensor arguments, the weights and the caches (no host sync, no random draw); the graphs of the cached steps are
-    forgotten with their caches, at the end of every generate()."""
+    """The sampler's step functions (decoding, head, diffusion chain) replayed as captured CUDA graphs, one per name
+    and input shapes: inputs are copied into the graph's tensors, the replay runs the eager call's kernels, outputs are
+    cloned out. A function graphed here touches only its tensors, the weights and the caches (no host sync, no
+    random draw); the graphs of 'backbone' and 'head' go with their caches, after every generate()."""
 
     def __init__(self):
         self.graphs = {}
@@ -223,14 +212,13 @@ def decode(tokenizer, tokens, grid_size):
 
 
 def save_grid(images, path, ncol):
-    """Save uint8 images (B, H, W, 3) as one PNG grid, upscaled (nearest) to at least 64 px per image."""
+    """uint8 images (B, H, W, 3) as one PNG grid, upscaled (nearest) to at least 64 px per image."""
     B, H, W, _ = images.shape
-    nrow = math.ceil(B / ncol)
+    nrow, scale = math.ceil(B / ncol), max(1, math.ceil(64 / H))
     grid = np.zeros((nrow * H, ncol * W, 3), dtype=np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, ncol)
         grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
-    scale = max(1, math.ceil(64 / H))
     save_png(Image.fromarray(grid).resize((ncol * W * scale, nrow * H * scale), Image.NEAREST), path)
 
 
@@ -249,7 +237,7 @@ def load_checkpoint(path, device='cpu'):
 
 
 def check_checkpoint(ckpt, path):
-    """ckpt, if it is a train.py checkpoint of this version of the code; else one error line."""
+    """ckpt if it is a train.py checkpoint of this version of the code, else one error line."""
     missing = {'config', 'model', 'ema', 'optimizer', 'step', 'args', 'data_meta'} - set(
         ckpt if isinstance(ckpt, dict) else ())
     if missing:
@@ -271,9 +259,8 @@ def file_hash(path):
 
 
 def class_labels(args, num_classes):
-    """(num_images,) labels: balanced (num_images / classes of each, as MAR's 50 per class), random (one seed for
-    all ranks) or --class_label. The first n never depend on --num_images (torch's CPU randint draws in order),
-    so that a longer run extends a shorter one."""
+    """(num_images,) labels: balanced (MAR's 50 per class), random (one seed for all ranks) or --class_label. The first
+    n never depend on --num_images (CPU randint draws in order): a longer run extends a shorter one."""
     if args.class_label is not None:
         return torch.full((args.num_images,), args.class_label)
     if args.labels == 'balanced':
@@ -282,17 +269,16 @@ def class_labels(args, num_classes):
 
 
 def prepare_out(args, root, npz, meta, device_type, rank):
-    """Let --out continue only samples of the same weights and flags: root/settings.json (the flags that change
-    images, hashes of the files read) must equal this run's, else refuse in one line, or with --overwrite delete
-    the other run's batches, images and .npz. Every rank checks; rank 0 writes."""
-    # not --num_images: seeds and labels follow the batch index (a shorter last batch is sampled again when the
-    # run grows); not --compile, CUDA graphs or the number of processes; but bf16 and the device's random streams do
+    """Let --out continue only samples of the same weights and flags (root/settings.json: the flags that change
+    images, the hashes of the files read), else refuse in one line, or with --overwrite delete the other samples.
+    Every rank checks; rank 0 writes."""
+    # not --num_images: seeds and labels follow the batch index; not --compile, CUDA graphs or the number of processes
     flags = ('ema', 'batch_size', 'labels', 'class_label', 'seed', 'temperature', 'top_k', 'cfg', 'num_steps',
              'position_order', 'diffusion_steps', 'amp')
     files = dict(ckpt=args.ckpt, tokenizer_ckpt=args.tokenizer_ckpt or meta.get('ckpt'),
                  prefix_image=args.prefix_image, keep_mask=args.keep_mask)
     settings = {k: getattr(args, k) for k in flags} | {f'{k} sha256': p and file_hash(p) for k, p in files.items()}
-    settings['device'] = device_type
+    settings['device'] = device_type  # the device's random streams change the images
     record, old = os.path.join(root, 'settings.json'), None
     if os.path.isfile(record):
         with open(record) as f:
@@ -311,24 +297,18 @@ def prepare_out(args, root, npz, meta, device_type, rank):
         write_atomic(record, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
-def finished(part, y):
-    """Whether batch file `part` holds the images of labels y (an unreadable one is sampled again)."""
-    try:
-        return np.array_equal(np.load(part)['labels'], y.numpy())
-    except (OSError, ValueError, KeyError, EOFError):  # missing, cut short or not an .npz
-        return False
-
-
 def sample_run(args, sample_batch, meta, root, npz, rank, world_size, ddp):
     """Every batch of --num_images, rank r taking batches r, r + world, ..., each written whole as root/batch_K.npz
-    and its PNGs (skipped when an earlier run of these settings wrote it); then rank 0 joins them into the .npz."""
-    labels = class_labels(args, meta['num_classes'])
-    batches = range(math.ceil(args.num_images / args.batch_size))
+    and PNGs (skipped when an earlier run of these settings wrote it); then rank 0 joins them into the .npz."""
+    labels, batches = class_labels(args, meta['num_classes']), range(math.ceil(args.num_images / args.batch_size))
     t0, done = time.time(), 0
     for k in batches[rank::world_size]:
         part, y = os.path.join(root, f'batch_{k:05d}.npz'), labels[k * args.batch_size:(k + 1) * args.batch_size]
-        if finished(part, y):
-            continue  # finished by an earlier run of these settings (its last batch may have been shorter)
+        try:  # finished by an earlier run of these settings (its last batch may have been shorter)?
+            if np.array_equal(np.load(part)['labels'], y.numpy()):
+                continue
+        except (OSError, ValueError, KeyError, EOFError):  # missing, cut short or not an .npz: sampled again
+            pass
         images = sample_batch(k, y)
         for i, im in enumerate(images):
             save_png(Image.fromarray(im), os.path.join(root, 'images', f'{k * args.batch_size + i:06d}.png'))
@@ -347,8 +327,8 @@ def sample_run(args, sample_batch, meta, root, npz, rank, world_size, ddp):
 
 
 def setup_distributed(device=None):
-    """(ddp, rank, world_size, device): under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU
-    with NCCL, or per CPU process with gloo; otherwise a single process on `device` (default: cuda if any)."""
+    """(ddp, rank, world_size, device): under torchrun one process per GPU with NCCL (per CPU process with gloo);
+    otherwise one process on `device` (default: cuda if any)."""
     if 'RANK' not in os.environ:
         return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
     dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
@@ -384,8 +364,7 @@ def main(args):
 
     def sample_batch(k, labels, graphs=graphs):  # batch k, with its own seed: the same images on any number of GPUs
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
-        p = None if prefix is None else (prefix[0].expand(len(labels), *prefix[0].shape[1:]),
-                                         prefix[1].expand(len(labels), -1))
+        p = prefix and (prefix[0].expand(len(labels), *prefix[0].shape[1:]), prefix[1].expand(len(labels), -1))
         with autocast:
             tokens = generate(model, labels.to(device), order, g, args.temperature, args.top_k, args.cfg,
                               args.num_steps, args.position_order, p, diffusion_steps=args.diffusion_steps,
@@ -407,15 +386,13 @@ def main(args):
 
 
 # -----------------------------------------------------------------------------
-# --bench: images/s, FLOPs and MFU, the operators dispatched and the time of each part per step
+# --bench: images/s, FLOPs and MFU, and per step the operators dispatched and the time of each part
 
 
 class CountOps(TorchDispatchMode):
     """Counts the aten operators dispatched: each is at least one kernel launch on a GPU."""
 
-    def __init__(self):
-        super().__init__()
-        self.count = 0
+    count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
@@ -437,8 +414,7 @@ class Timed:
         return out
 
     def forget(self, *names):
-        if self.graphs is not None:
-            self.graphs.forget(*names)
+        return self.graphs and self.graphs.forget(*names)
 
 
 def sync(device):
@@ -447,19 +423,17 @@ def sync(device):
 
 
 def sampling_flops(model, num_steps, diffusion_steps, cfg):
-    """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the
-    head once per step over the whole grid (global) or the next chunk (local), the token head once per
-    token (the diffusion MLP: diffusion_steps times); doubled with CFG."""
+    """FLOPs to sample one image (2 per multiply-add): the causal Transformer once over the N tokens, the head once per
+    step (global: the grid; local: a chunk), the token head once per token (diffusion_steps times); x2 with CFG."""
     train = model.flops_per_image(1)  # forward + backward for one prefix: a third of it is the forward
-    flops = train['backbone'] / 3 + num_steps * train['head'] / 3
     per_token = linear_flops(model.token_head) * (diffusion_steps if model.config['token_dim'] else 1)
-    flops += model.grid_size ** 2 * per_token
+    flops = train['backbone'] / 3 + num_steps * train['head'] / 3 + model.grid_size ** 2 * per_token
     return flops * (2 if cfg != 1.0 else 1)
 
 
 def bench(args, sample_batch, model, num_classes, device, graphs):
-    """--bench: one batch to warm up (compile, capture), one timed: images/s, FLOPs per image, MFU; then the aten
-    operators of one step and, in one more batch with a synchronisation around each part, where the time goes."""
+    """One batch to warm up (compile, capture), one timed: images/s, FLOPs per image, MFU; then the aten operators of
+    a step and, in one more batch with a synchronisation around each part, where the time goes."""
     labels, N = torch.arange(args.batch_size) % num_classes, model.grid_size ** 2
     steps = len(step_schedule(N, args.num_steps or N))
     for k in range(2):
@@ -467,25 +441,24 @@ def bench(args, sample_batch, model, num_classes, device, graphs):
         t0 = time.time()
         sample_batch(k, labels)
     sync(device)
-    dt = time.time() - t0
-    flops = sampling_flops(model, steps, args.diffusion_steps, args.cfg)
-    print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; "
-          f"{flops / 1e9:.1f} GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
+    dt, flops = time.time() - t0, sampling_flops(model, steps, args.diffusion_steps, args.cfg)
+    print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; {flops / 1e9:.1f} "
+          f"GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
     counts = []
-    for g in (None, graphs) if graphs is not None else (None,):  # the operator count does not depend on the batch
+    for g in (None, graphs) if graphs is not None else (None,):  # the operators per step do not depend on the batch
         with CountOps() as ops:
             sample_batch(0, labels[:2], graphs=g)
         counts.append(f"{ops.count / steps:.0f} {'with CUDA graphs' if g else 'eager'}")
-    timed = Timed(graphs, device)
+    timed, t0 = Timed(graphs, device), time.time()
     sample_batch(0, labels, graphs=timed)
-    parts = dict(timed.seconds, other=dt - sum(timed.seconds.values()))
+    parts = dict(timed.seconds, other=time.time() - t0 - sum(timed.seconds.values()))
     print(f"bench: aten operators per step: {', '.join(counts)}; ms per step: " +
           ", ".join(f"{name} {1000 * s / steps:.1f}" for name, s in parts.items()))
 
 
 # -----------------------------------------------------------------------------
-# Images in: the prefix of in/outpainting, and Fig. 3 (and Appendix B): how an image's tokens correlate, and
-# where the causal Transformer looks
+# Images in: the prefix of in/outpainting, and Fig. 3 (Appendix B): how an image's tokens correlate, where the causal
+# Transformer looks
 
 
 def read_image(flag, path):
@@ -519,8 +492,8 @@ def load_prefix(args, meta, tokenizer, grid_size, device):
 
 
 def token_vectors(tokenizer, tokens, grid_size):
-    """(N, D) vectors of an image's tokens (1, N[, D]): continuous tokens as they are (VAE latents, pixel patches),
-    the code vector of each VQ index (normalised, as the decoder reads it), a pixel token's colour in [-1, 1]."""
+    """(N, D) vectors of an image's tokens (1, N[, D]): continuous ones as they are, a VQ index's (normalised) code
+    vector, a pixel token's colour in [-1, 1]."""
     if tokens.dim() == 3:
         return tokens[0].float()
     if isinstance(tokenizer, VQTokenizer):
@@ -530,21 +503,18 @@ def token_vectors(tokenizer, tokens, grid_size):
 
 @torch.no_grad()
 def last_layer_attention(model, tokens, label):
-    """(N, N) attention weights of the causal Transformer's last layer, averaged over heads, with the tokens read
-    in raster order: row p is what the state after reading grid position p attends to, at the keys' grid positions
-    (the class token's share is 1 minus the row's sum)."""
+    """(N, N) attention of the causal Transformer's last layer, mean over heads, tokens read in raster order: row p is
+    what the state after reading position p attends to, at the keys' positions (the class token: 1 - the row's sum)."""
     t, N = model.transformer, model.grid_size ** 2
-    orders = torch.arange(N, device=tokens.device)[None]  # (1, N)
-    inputs = []
+    orders, inputs = torch.arange(N, device=tokens.device)[None], []  # (1, N)
     hook = t.blocks[-1].attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     t(take(tokens, orders)[:, :-1], label, orders[:, :-1], orders if model.config['head'] == 'linear' else None)
     hook.remove()
     attn, x = t.blocks[-1].attn, inputs[0]  # (1, N, C): the class and N - 1 tokens, layer-normed
     q, k, _ = attn.qkv(x).view(1, N, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)  # 3 x (1, nh, N, hd)
     w = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).float()  # (1, nh, N, N)
-    w = w.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), -math.inf).softmax(-1)
-    w = w.mean(1)[0]  # (N, N): query step s has read s tokens; key step s' >= 1 is grid position s' - 1
-    return F.pad(w[1:, 1:], (0, 1))  # (N - 1, N) -> row p: after reading position p; the last position is never read
+    w = w.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), -math.inf).softmax(-1).mean(1)[0]
+    return F.pad(w[1:, 1:], (0, 1))  # query step s has read s tokens, key step s' is position s' - 1: (N - 1, N)
 
 
 def heatmap(values, grid_size, marked, cell=12):
@@ -560,18 +530,18 @@ def heatmap(values, grid_size, marked, cell=12):
 
 def write_figures(args, out, model, meta, tokenizer, device):
     """Fig. 3 for --figures IMAGE: OUT/similarity.png, the cosine similarity of three reference tokens (the paper's
-    87th, 138th and 203rd of 16x16, as indices from 0, at the same places on other grids) to every token of the
-    image, and OUT/attention.png, the last-layer attention from each reference token to the tokens read before it."""
+    87th, 138th and 203rd of 16x16, from 0; the same places on other grids) to every token, and OUT/attention.png,
+    the last-layer attention from each to the tokens read before it."""
     g = model.grid_size
     refs = [(p // 16 * g // 16) * g + p % 16 * g // 16 for p in (87, 138, 203)]  # (row, column) scaled to the grid
     tokens = image_tokens(args.figures, '--figures', meta, tokenizer, args.seed, device)
     vectors = F.normalize(token_vectors(tokenizer, tokens, g), dim=-1)  # (N, D)
-    similarity = [(vectors @ vectors[p] + 1) / 2 for p in refs]  # cosine in [-1, 1] -> [0, 1]
     attention = last_layer_attention(model, tokens, torch.tensor([args.class_label or 0], device=device))
     image = decode(tokenizer, tokens, g)[0].cpu().numpy()  # (H, W, 3) what the model reads
     image = np.asarray(Image.fromarray(image).resize((12 * g, 12 * g), Image.NEAREST))
     make_folder(out, '--out')
-    for name, maps in (('similarity', similarity), ('attention', [attention[p] / attention[p].max() for p in refs])):
+    for name, maps in (('similarity', [(vectors @ vectors[p] + 1) / 2 for p in refs]),  # cosine -> [0, 1]
+                       ('attention', [attention[p] / attention[p].max() for p in refs])):
         row = np.concatenate([image] + [heatmap(m, g, p) for m, p in zip(maps, refs)], axis=1)  # image, then 3 maps
         save_png(Image.fromarray(row), os.path.join(out, f'{name}.png'))
     print(f"wrote {out}/similarity.png and {out}/attention.png (reference tokens {refs})")
@@ -604,43 +574,36 @@ def check_args(args, ckpt):
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
-    parser.add_argument('--num_images', type=int, default=100, help='the paper: 50000')
-    parser.add_argument('--out', default='samples.npz', help='the .npz to write, or a directory for samples.npz')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='if --out holds samples of another checkpoint or flags, delete them and start afresh')
-    parser.add_argument('--batch_size', type=int, default=100, help='images per batch and process')
-    parser.add_argument('--labels', default='balanced', choices=['balanced', 'random'],
-                        help='balanced: equally many of each class (MAR: 50 per class); random: uniform')
-    parser.add_argument('--class_label', type=int, default=None, help='one class for all images')
+    add = parser.add_argument
+    add('--ckpt', default='out/ckpt.pt', help='checkpoint written by train.py')
+    add('--num_images', type=int, default=100, help='the paper: 50000')
+    add('--out', default='samples.npz', help='the .npz to write, or a directory for samples.npz')
+    add('--overwrite', action='store_true', help='delete samples of another checkpoint or flags in --out first')
+    add('--batch_size', type=int, default=100, help='images per batch and process')
+    add('--labels', default='balanced', choices=['balanced', 'random'], help='balanced: MAR, 50 per class; random')
+    add('--class_label', type=int, default=None, help='one class for all images')
     # sampling
-    parser.add_argument('--temperature', type=float, default=1.0, help='> 0; 1 samples the model distribution')
-    parser.add_argument('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
-    parser.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale; 1 = off (the paper)')
-    parser.add_argument('--num_steps', type=int, default=None, help='decoding steps (default: one per token)')
-    parser.add_argument('--position_order', default=None, choices=['random', 'raster', 'confidence'],
-                        help="which positions each step fills (default: the training order; random is the paper's)")
-    parser.add_argument('--diffusion_steps', type=int, default=100, help='respaced diffusion steps (MAR: 100)')
-    parser.add_argument('--prefix_image', default=None, help='an image whose kept tokens are the prefix')
-    parser.add_argument('--keep_mask', default=None, help='an image, white where --prefix_image is kept')
-    parser.add_argument('--figures', default=None, metavar='IMAGE',
-                        help="Fig. 3: write the tokens' cosine similarity and the last-layer attention of IMAGE to "
-                             "OUT/similarity.png and OUT/attention.png, then exit")
-    parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
-    parser.add_argument('--tokenizer_ckpt', default=None,
-                        help='vq/vae weights to decode with (default: the file the cache was made with)')
+    add('--temperature', type=float, default=1.0, help='> 0; 1 samples the model distribution')
+    add('--top_k', type=int, default=None, help='sample among the k most likely tokens only')
+    add('--cfg', type=float, default=1.0, help='classifier-free guidance scale; 1 = off (the paper)')
+    add('--num_steps', type=int, default=None, help='decoding steps (default: one per token)')
+    add('--position_order', default=None, choices=['random', 'raster', 'confidence'],
+        help="which positions each step fills (default: the training order; random is the paper's)")
+    add('--diffusion_steps', type=int, default=100, help='respaced diffusion steps (MAR: 100)')
+    add('--prefix_image', default=None, help='an image whose kept tokens are the prefix')
+    add('--keep_mask', default=None, help='an image, white where --prefix_image is kept')
+    add('--figures', default=None, metavar='IMAGE', help="Fig. 3 of IMAGE to OUT/similarity.png, OUT/attention.png")
+    add('--ema', action=argparse.BooleanOptionalAction, default=True, help='use the EMA weights')
+    add('--tokenizer_ckpt', default=None, help='vq/vae weights to decode with (default: the cache\'s)')
     # system
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                        help='bf16 autocast (default: on for CUDA, off for CPU)')
-    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
-                        help='torch.compile the head and the decoding step')
-    parser.add_argument('--cuda_graphs', action=argparse.BooleanOptionalAction, default=None,
-                        help='replay each step (decoding, head, diffusion chain) as a captured CUDA graph '
-                             '(default: on for CUDA; the same numbers as eager)')
-    parser.add_argument('--bench', action='store_true', help='time one batch after a warm-up one, then exit')
-    parser.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU on other devices')
+    add('--seed', type=int, default=0)
+    add('--device', default=None, help='default: cuda if available, else cpu')
+    add('--amp', action=argparse.BooleanOptionalAction, default=None, help='bf16 autocast (default: on for CUDA)')
+    add('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the head and decoding')
+    add('--cuda_graphs', action=argparse.BooleanOptionalAction, default=None,
+        help='replay decoding, head and diffusion chain as captured CUDA graphs (default: on CUDA; the same numbers)')
+    add('--bench', action='store_true', help='time one batch after a warm-up one, then exit')
+    add('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU on other devices')
     return parser
 
 

@@ -1,17 +1,16 @@
 r"""
-Tokenizers, the built-in data, and the dataset cache that training memory-maps; at the bottom, the file handling
-every script shares (atomic writes, checkpoint reading, folder locks, --help, memory and MFU reports).
+Tokenizers, the built-in data and the dataset cache that training memory-maps; at the bottom, the file handling every
+script shares (atomic writes, checkpoint reading, folder locks, --help, memory and MFU).
 
-- pixel: each pixel is one token, the index of its nearest colour in a palette: fitted to the data by `cache`
-  (k-means, as iGPT; exact for data of few colours) or the fixed 3-bit cube (`--palette cube`, 512 colours);
-  pixel_patch: each 2x2x3 patch is one continuous 12-d token. Neither needs weights: both train on a CPU.
-- vq: LlamaGen's VQ-16 (16384 codes), vae: MAR's KL-16 VAE (16 channels), the paper's tokenizers (Sec. 5.1),
-  written to load the released files (vq_ds16_c2i.pt, kl16.ckpt) as they are.
-- make_shapes: the built-in, procedurally drawn data (10 classes of coloured shapes, 16x16 tokens; 'pairs':
-  two shapes of the class side by side) with real class structure, so a class-conditional model has something
-  to learn without a download; RandomTokens: random tokens of the paper's shapes, for --bench and --dry_run.
-- cache: an ImageFolder (DIR/<class>/<image>) is read with Pillow, centre-cropped the ADM way and tokenized
-  once, each image with its mirror, into shards that train.py memory-maps.
+- pixel: a token per pixel, the index of its nearest colour in a palette fitted to the data by `cache` (exact for
+  data of few colours, else k-means as iGPT) or the fixed 3-bit cube (512 colours); pixel_patch: a continuous 12-d
+  token per 2x2x3 patch. Neither has weights: both train on a CPU.
+- vq: LlamaGen's VQ-16 (16384 codes), vae: MAR's KL-16 VAE (16 channels), the paper's (Sec. 5.1), loading the
+  released files (vq_ds16_c2i.pt, kl16.ckpt) as they are.
+- make_shapes: the built-in data, coloured shapes of 10 classes ('pairs': two per image that must agree), a class
+  structure to learn without a download; RandomTokens: random tokens of the paper's shapes, for --bench, --dry_run.
+- cache: an ImageFolder (DIR/<class>/<image>) read with Pillow, centre-cropped the ADM way, tokenized once with
+  each image's mirror, into shards.
 
     python tokenizers.py cache --tokenizer pixel --data DIR --image_size 16 --out CACHE
     torchrun --nproc_per_node=8 tokenizers.py cache --tokenizer vae --ckpt kl16.ckpt --data IMAGENET/train \
@@ -42,18 +41,15 @@ from PIL import Image
 
 
 class Tokenizer:
-    """Every tokenizer: encode (uint8 images (B, H, W, 3) -> what the cache keeps), from_cache (-> the model's
-    tokens: (B, h, w) ids or (B, h, w, D) vectors) and decode (tokens -> uint8 images)."""
-
-    @staticmethod
-    def from_cache(x, generator):
-        return x  # the cache keeps the tokens themselves (the VAE keeps posterior moments instead)
+    """Every tokenizer: encode (uint8 images (B, H, W, 3) -> what the cache keeps), from_cache (-> the model's tokens:
+    (B, h, w) ids or (B, h, w, D) vectors) and decode (tokens -> uint8 images)."""
+    from_cache = staticmethod(lambda x, generator: x)  # the cache keeps the tokens themselves (the VAE: moments)
 
 
 class PixelTokenizer(Tokenizer):
-    """One token per pixel: the index of the nearest colour (squared RGB distance, ties to the later entry) of a
-    palette (K, 3) uint8, or of the 3-bit cube when palette is None: 512 colours r << 6 | g << 3 | b at the centres
-    of their bins, whose nearest colour is the top 3 bits of each channel (computed so: it is the built-in data's)."""
+    """A token per pixel: the index of its nearest colour in palette (K, 3) uint8 (squared distance, ties to the later
+    colour), or in the 3-bit cube (palette None): r << 6 | g << 3 | b at the centres of their bins, whose nearest
+    colour is the top 3 bits of each channel, computed so."""
 
     def __init__(self, palette=None):
         steps = torch.arange(8) * 32 + 16  # the centre of each 3-bit bin
@@ -61,8 +57,7 @@ class PixelTokenizer(Tokenizer):
         self.palette = cube.to(torch.uint8) if palette is None else torch.as_tensor(palette, dtype=torch.uint8)
         self.cube, self.vocab_size = palette is None, len(self.palette)
 
-    def encode(self, images):
-        # images: (B, H, W, 3) uint8 -> tokens (B, H, W) int64
+    def encode(self, images):  # (B, H, W, 3) uint8 -> (B, H, W) int64
         if self.cube:
             q = images.long() >> 5  # (B, H, W, 3) each channel's bin in [0, 8)
             return (q[..., 0] << 6) | (q[..., 1] << 3) | q[..., 2]
@@ -70,14 +65,13 @@ class PixelTokenizer(Tokenizer):
         d = torch.cat([(c ** 2).sum(1) - 2 * part @ c.T for part in x.split(16384)])  # (P, K) + |x|^2: exact integers
         return (len(c) - 1 - d.flip(1).argmin(1)).view(images.shape[:-1])  # the later of equally near colours
 
-    def decode(self, tokens):
-        return self.palette.to(tokens.device)[tokens]  # (B, H, W) -> (B, H, W, 3) uint8
+    def decode(self, tokens):  # (B, H, W) -> (B, H, W, 3) uint8
+        return self.palette.to(tokens.device)[tokens]
 
 
 def fit_palette(pixels, size, seed=0, iters=10):
-    """At most `size` colours (K, 3) uint8 for pixels (P, 3) uint8: their own colours when there are no more than
-    `size` of them (every pixel then round-trips exactly), else k-means in RGB, seeded with k-means++ and weighted by
-    how often each colour occurs, as iGPT's palette of 512 clusters."""
+    """At most `size` colours (K, 3) uint8 for pixels (P, 3) uint8: their own when no more (exact), else k-means in
+    RGB (k-means++ seeding, colours weighted by count), as iGPT's 512 clusters."""
     colours, counts = np.unique(pixels, axis=0, return_counts=True)  # (U, 3), (U,)
     if len(colours) <= size:
         return colours
@@ -87,47 +81,39 @@ def fit_palette(pixels, size, seed=0, iters=10):
     for _ in range(size - 1):  # k-means++: the next centre drawn in proportion to its squared distance
         centres.append(x[rng.choice(len(x), p=w * d / (w * d).sum())])
         d = np.minimum(d, ((x - centres[-1]) ** 2).sum(1))
-    centres = np.array(centres)  # (K, 3)
+    c = np.array(centres)  # (K, 3)
     for _ in range(iters):  # Lloyd's: each colour to its nearest centre, each centre to its colours' weighted mean
-        c2 = (centres ** 2).sum(1)  # (K,): with -2 x.c, the squared distance less |x|^2
-        near = np.concatenate([(c2 - 2 * part @ centres.T).argmin(1) for part in np.array_split(x, len(x) // 16384 + 1)])
+        parts = np.array_split(x, len(x) // 16384 + 1)  # squared distances less |x|^2, a part at a time
+        near = np.concatenate([((c ** 2).sum(1) - 2 * part @ c.T).argmin(1) for part in parts])
         n = np.bincount(near, w, size)[:, None]
-        sums = np.stack([np.bincount(near, w * x[:, j], size) for j in range(3)], 1)
-        centres = np.where(n > 0, sums / np.maximum(n, 1e-12), centres)
-    return np.unique(np.clip(np.round(centres), 0, 255).astype(np.uint8), axis=0)
+        c = np.where(n > 0, np.stack([np.bincount(near, w * x[:, j], size) for j in range(3)], 1) / np.maximum(n, 1), c)
+    return np.unique(np.clip(np.round(c), 0, 255).astype(np.uint8), axis=0)
 
 
 class PixelPatchTokenizer(Tokenizer):
-    """Continuous tokens: each p x p x 3 patch of pixels, scaled to [-1, 1], is one token of 3 p^2 values
-    (a 32x32 image with p = 2 is a 16x16 grid of 12-d tokens)."""
+    """Continuous tokens: each p x p x 3 patch scaled to [-1, 1] is one token of 3 p^2 values (32x32 -> 16x16 x 12)."""
 
     clip_denoised = True  # bounded tokens: the diffusion sampler may clip its x0 estimate to [-1, 1]
 
     def __init__(self, patch_size=2):
-        self.p = patch_size
-        self.token_dim = 3 * patch_size ** 2
+        self.p, self.token_dim = patch_size, 3 * patch_size ** 2
 
-    def encode(self, images):
-        # images: (B, H, W, 3) uint8 -> tokens (B, H/p, W/p, 3 p^2) float in [-1, 1]
+    def encode(self, images):  # (B, H, W, 3) uint8 -> (B, H/p, W/p, 3 p^2) in [-1, 1]
         B, H, W, _ = images.shape
         x = images.float().div(127.5).sub(1).view(B, H // self.p, self.p, W // self.p, self.p, 3)
         return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H // self.p, W // self.p, self.token_dim)
 
-    def decode(self, tokens):
-        # tokens: (B, h, w, 3 p^2) -> images (B, h p, w p, 3) uint8
+    def decode(self, tokens):  # (B, h, w, 3 p^2) -> (B, h p, w p, 3) uint8
         B, h, w, _ = tokens.shape
         x = tokens.float().view(B, h, w, self.p, self.p, 3).permute(0, 1, 3, 2, 4, 5)  # (B, h, p, w, p, 3)
         return x.reshape(B, h * self.p, w * self.p, 3).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------
-# The reconstruction tokenizers: LlamaGen's VQ-16 and MAR's KL-16 VAE
-#
-# Both are the taming-transformers / LDM convolutional autoencoder: ch 128, ch_mult (1, 1, 2, 2, 4), so five levels
-# and 16x downsampling, with the same blocks. Only the checkpoints' names of the containers differ
-# (FoundationVision/LlamaGen tokenizer/tokenizer_image/vq_model.py, LTH14/mar models/vae.py), so the Encoder and
-# Decoder take those names as arguments. Where a checkpoint has no weights (a shortcut, attention or resampling that
-# a block lacks) we put an nn.Identity, which has no state-dict keys, so that no forward needs an `if`.
+# The reconstruction tokenizers: LlamaGen's VQ-16 and MAR's KL-16 VAE. Both are the taming-transformers / LDM
+# autoencoder (ch 128, ch_mult (1, 1, 2, 2, 4): five levels, 16x downsampling, the same blocks); only their
+# checkpoints' container names differ (LlamaGen tokenizer/tokenizer_image/vq_model.py, MAR models/vae.py), so the
+# Encoder and Decoder take the names as arguments. Where a checkpoint has no weights, nn.Identity (no keys).
 
 
 def group_norm(c):
@@ -166,36 +152,25 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))  # (B, H*W, C) -> (B, C, H, W)
 
 
-class Downsample(nn.Module):
-    """Halve H and W: a zero column on the right and a zero row at the bottom, then a 3x3 conv with stride 2."""
+class Resample(nn.Module):
+    """Halve H and W (a zero column and row at the right and bottom, a 3x3 conv of stride 2), or double them
+    (nearest-neighbour, then a 3x3 conv)."""
 
-    def __init__(self, c):
+    def __init__(self, c, down):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
+        self.down, self.conv = down, nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H + 1, W + 1) -> (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))  # (B, C, 2H, 2W)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
 
 class Level(nn.Module):
-    """One resolution: ResnetBlocks, each followed by an AttnBlock if the level has attention."""
+    """One resolution: ResnetBlocks ('res' in LlamaGen, 'block' in MAR), each followed by an AttnBlock if any."""
 
     def __init__(self, c_in, c_out, n_blocks, attn, res_name):
         super().__init__()
-        self.res_name = res_name  # the checkpoint's name for the ResnetBlocks: 'res' in LlamaGen, 'block' in MAR
-        blocks = [ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks)]
-        self.add_module(res_name, nn.ModuleList(blocks))
+        self.res_name = res_name
+        self.add_module(res_name, nn.ModuleList([ResnetBlock(c_out if i else c_in, c_out) for i in range(n_blocks)]))
         self.attn = nn.ModuleList([AttnBlock(c_out) if attn else nn.Identity() for _ in range(n_blocks)])
 
     def forward(self, h):
@@ -210,21 +185,18 @@ def mid_block(c, names):
 
 
 class Encoder(nn.Module):
-    """Images (B, 3, H, W) -> (B, z_out, H/16, W/16): five levels of 2 ResnetBlocks, each but the last followed by a
-    Downsample, then mid, GroupNorm, swish, conv_out. Only the last level has attention (LlamaGen's rule; MAR's
-    attn_resolutions (16,) for its 256 construction resolution picks the same level)."""
+    """Images (B, 3, H, W) -> (B, z_out, H/16, W/16): five levels of 2 ResnetBlocks, downsampling after each but the
+    last, which alone has attention (LlamaGen's rule; MAR's attn_resolutions (16,) picks it too), then mid, out."""
 
     def __init__(self, z_out, levels_name, res_name, mid_names, ch=128, ch_mult=(1, 1, 2, 2, 4)):
         super().__init__()
         self.levels_name = levels_name  # the checkpoint's name: 'conv_blocks' in LlamaGen, 'down' in MAR
-        widths = [ch] + [ch * m for m in ch_mult]  # 128, 128, 128, 256, 256, 512
-        last = len(ch_mult) - 1
+        widths, last = [ch] + [ch * m for m in ch_mult], len(ch_mult) - 1  # 128, 128, 128, 256, 256, 512
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         levels = nn.ModuleList()
         for i in range(len(ch_mult)):
-            level = Level(widths[i], widths[i + 1], 2, i == last, res_name)  # num_res_blocks 2 in both
-            level.downsample = Downsample(widths[i + 1]) if i < last else nn.Identity()
-            levels.append(level)
+            levels.append(Level(widths[i], widths[i + 1], 2, i == last, res_name))  # num_res_blocks 2 in both
+            levels[-1].downsample = Resample(widths[i + 1], down=True) if i < last else nn.Identity()
         self.add_module(levels_name, levels)
         self.mid = mid_block(widths[-1], mid_names)
         self.norm_out = group_norm(widths[-1])
@@ -233,38 +205,33 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)  # (B, 128, H, W)
         for level in getattr(self, self.levels_name):
-            h = level.downsample(level(h))  # halves H and W after each level but the last
-        h = self.mid(h)  # (B, 512, H/16, W/16)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level.downsample(level(h))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))  # mid: (B, 512, H/16, W/16)
 
 
 class Decoder(nn.Module):
-    """Latents (B, z_in, h, w) -> images (B, 3, 16h, 16w): conv_in, mid, then five levels of 3 ResnetBlocks from the
-    lowest resolution up, each but the last followed by an Upsample, then GroupNorm, swish, conv_out.
-    Only LlamaGen's decoder has attention in its lowest level (`attn`)."""
+    """Latents (B, z_in, h, w) -> images (B, 3, 16h, 16w): conv_in, mid, five levels of 3 ResnetBlocks from the lowest
+    resolution up, upsampling after each but the last; only LlamaGen's lowest level has attention (`attn`)."""
 
     def __init__(self, z_in, attn, levels_name, lowest_first, res_name, mid_names, ch=128, ch_mult=(1, 1, 2, 2, 4)):
         super().__init__()
         self.levels_name = levels_name  # the checkpoint's name: 'conv_blocks' in LlamaGen, 'up' in MAR
         self.lowest_first = lowest_first  # LlamaGen's conv_blocks.0 is the lowest resolution, MAR's up.0 the highest
-        widths = [ch * ch_mult[-1]] + [ch * m for m in reversed(ch_mult)]  # 512, 512, 256, 256, 128, 128
-        last = len(ch_mult) - 1
+        widths, last = [ch * ch_mult[-1]] + [ch * m for m in reversed(ch_mult)], len(ch_mult) - 1  # 512, 512, ..128
         self.conv_in = nn.Conv2d(z_in, widths[0], 3, padding=1)
         self.mid = mid_block(widths[0], mid_names)
         levels = []  # in forward order, the lowest resolution first
         for i in range(len(ch_mult)):
-            level = Level(widths[i], widths[i + 1], 3, attn and i == 0, res_name)  # num_res_blocks + 1 = 3 in both
-            level.upsample = Upsample(widths[i + 1]) if i < last else nn.Identity()
-            levels.append(level)
+            levels.append(Level(widths[i], widths[i + 1], 3, attn and i == 0, res_name))  # num_res_blocks + 1 = 3
+            levels[-1].upsample = Resample(widths[i + 1], down=False) if i < last else nn.Identity()
         self.add_module(levels_name, nn.ModuleList(levels if lowest_first else levels[::-1]))
         self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))  # (B, 512, h, w)
-        levels = getattr(self, self.levels_name)
+        h, levels = self.mid(self.conv_in(z)), getattr(self, self.levels_name)  # (B, 512, h, w)
         for level in (levels if self.lowest_first else reversed(levels)):
-            h = level.upsample(level(h))  # doubles h and w after each level but the last
+            h = level.upsample(level(h))
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, 16h, 16w)
 
 
@@ -295,8 +262,7 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """Images (B, 3, H, W) in [-1, 1] -> indices (B, H/16, W/16) int64. The distances to all codes take
-        B*H*W/256 x 16384 floats (1 GiB for 64 images of 256x256), so encode a dataset in batches."""
+        """Images (B, 3, H, W) in [-1, 1] -> indices (B, H/16, W/16); 1 GiB of distances for 64 of 256x256."""
         return nearest_code(self.quant_conv(self.encoder(x)), self.quantize.embedding.weight)
 
     @torch.no_grad()
@@ -335,15 +301,12 @@ class AutoencoderKL(nn.Module):
 
 
 def sample_latent(moments, generator, dim=1):
-    """A scaled latent drawn from the posterior given by moments (mean and log-variance stacked along `dim`:
-    (B, 32, h, w) as the VAE gives them, or (B, h, w, 32) as the cache stores them), as MAR trains on it
-    (engine_mar.py: posterior.sample().mul_(0.2325)). The noise comes from `generator`, on the moments' device;
-    MAR draws it on the CPU and moves it, so the draws differ but the distribution is the same."""
+    """A scaled latent from the posterior of moments (mean, log-variance along `dim`), as MAR trains on it (engine_mar
+    posterior.sample().mul_(0.2325)); the noise from `generator` on the moments' device (MAR's: drawn on the CPU)."""
     mean, logvar = moments.float().chunk(2, dim=dim)  # 16 channels each: the mean first, then the log-variance
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp of MAR's DiagonalGaussianDistribution
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * noise) * VAE_SCALE
-
 
 
 RECONSTRUCTION_TOKENIZERS = {  # name: (class, what the file must be)
@@ -353,18 +316,21 @@ RECONSTRUCTION_TOKENIZERS = {  # name: (class, what the file must be)
 
 
 def load_tokenizer(name, path, device='cpu'):
-    """The 'vq' or 'vae' tokenizer with the released weights at `path` (checkpoint['model']; other top-level keys
-    are training state), in eval mode on `device`."""
+    """The 'vq' or 'vae' model with the released weights at path (checkpoint['model']), in eval mode on device."""
     cls, expected = RECONSTRUCTION_TOKENIZERS[name]
     ckpt = read_torch(path, 'torch checkpoint', f"; expected {expected}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         found = f"top-level keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"error: {path}: expected {expected}, found {found}")
-    sd = dict(ckpt['model'])
-    if name == 'vq':
-        sd.pop('quantize.codebook_used', None)  # LlamaGen's training-only usage counter (last 65536 codes chosen)
+    sd = dict(ckpt['model'])  # other top-level keys (optimizer, steps, args, ema) are training state
+    sd.pop('quantize.codebook_used', None)  # LlamaGen's training-only usage counter (the last 65536 codes chosen)
     model = load_weights(cls(), sd, path, f"expected {expected}; its weights", "the file is damaged; download it again")
     return model.to(device).eval().requires_grad_(False)
+
+
+def to_unit_range(images, model):
+    """uint8 images (B, H, W, 3) -> (B, 3, H, W) in [-1, 1] on the model's device (ToTensor, Normalize(0.5, 0.5))."""
+    return images.to(next(model.parameters()).device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 class VQTokenizer(Tokenizer):
@@ -378,15 +344,14 @@ class VQTokenizer(Tokenizer):
     def encode(self, images):
         return self.model.encode(to_unit_range(images, self.model))  # (B, h, w) int64
 
-    def decode(self, tokens):
+    def decode(self, tokens):  # LlamaGen's sample_c2i_ddp.py: clamp(127.5 x + 128, 0, 255) as uint8
         x = self.model.decode(tokens.to(self.model.quant_conv.weight.device))  # (B, 3, H, W) about [-1, 1]
-        # LlamaGen's sample_c2i_ddp.py: clamp(127.5 x + 128, 0, 255), cast to uint8
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to('cpu', torch.uint8)
 
 
 class VAETokenizer(Tokenizer):
-    """MAR's KL-16 VAE as a tokenizer: uint8 images -> posterior moments (what the cache keeps) -> scaled
-    16-d latents sampled afresh at every use, as MAR trains (B, H/16, W/16, 16) -> images."""
+    """MAR's KL-16 VAE as a tokenizer: uint8 images -> posterior moments (what the cache keeps) -> scaled 16-d latents
+    sampled afresh at every use, as MAR trains (B, H/16, W/16, 16) -> images."""
 
     token_dim = AutoencoderKL.token_dim
     clip_denoised = False  # latents are unbounded: MAR's sampler does not clip
@@ -401,16 +366,9 @@ class VAETokenizer(Tokenizer):
     def from_cache(moments, generator):
         return sample_latent(moments, generator, dim=-1)  # (B, h, w, 16)
 
-    def decode(self, tokens):
+    def decode(self, tokens):  # MAR's evaluate: round(clip((x + 1) / 2) * 255) as uint8
         x = self.model.decode(tokens.permute(0, 3, 1, 2).to(self.model.quant_conv.weight.device))  # (B, 3, H, W)
-        # MAR's evaluate: (x + 1) / 2, then round(clip(x * 255)) to uint8
         return torch.round(((x + 1) / 2).clamp(0, 1) * 255).permute(0, 2, 3, 1).to('cpu', torch.uint8)
-
-
-def to_unit_range(images, model):
-    """uint8 images (B, H, W, 3) -> (B, 3, H, W) in [-1, 1] on the model's device (ToTensor, Normalize(0.5, 0.5))."""
-    device = next(model.parameters()).device
-    return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 # the tokenizers by name; vq and vae need their released weights (--ckpt)
@@ -419,12 +377,12 @@ DOWNSAMPLING = {'pixel': 1, 'pixel_patch': 2, 'vq': 16, 'vae': 16}  # image size
 
 
 def make_tokenizer(name, ckpt=None, device='cpu', colours=None):
-    """The tokenizer `name`: vq and vae with their weights `ckpt`, pixel with a fitted palette `colours` (a cache's
-    meta.json and every checkpoint keep it) or the cube."""
+    """The tokenizer `name`: vq and vae with their weights, pixel with its fitted palette (meta.json and checkpoints
+    keep it: `colours`) or the cube."""
     if name in RECONSTRUCTION_TOKENIZERS:
         if ckpt is None:
-            raise SystemExit(f"error: --tokenizer {name} needs its released weights: --ckpt "
-                             f"{'vq_ds16_c2i.pt (FoundationVision/LlamaGen)' if name == 'vq' else 'kl16.ckpt (LTH14/mar)'}")
+            raise SystemExit(f"error: --tokenizer {name} needs its released weights: --ckpt " + (
+                'vq_ds16_c2i.pt (FoundationVision/LlamaGen)' if name == 'vq' else 'kl16.ckpt (LTH14/mar)'))
         return TOKENIZERS[name](ckpt, device)
     return PixelTokenizer(colours) if name == 'pixel' else PixelPatchTokenizer()
 
@@ -438,7 +396,7 @@ def token_meta(name, colours=None):
 
 
 # -----------------------------------------------------------------------------
-# The built-in dataset: coloured shapes, one shape kind per class
+# The built-in data: coloured shapes, one shape kind per class
 
 SHAPE_CLASSES = ['disc', 'ring', 'square', 'frame', 'triangle', 'plus', 'cross', 'h_stripes', 'v_stripes', 'diamond']
 # saturated colours that the 3-bit palette represents exactly (up to the bin centre)
@@ -450,31 +408,26 @@ BUILT_IN = ('shapes', 'pairs')  # --data names of the datasets make_shapes draws
 def shape_masks(kind, cx, cy, r, size):
     """Boolean masks (M, size, size) of one shape kind with centres (cx, cy) and radii r, all (M,) floats."""
     y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing='ij')  # pixel centres
-    dx, dy = x - cx[:, None, None], y - cy[:, None, None]  # (M, size, size) offsets from each centre
-    r = r[:, None, None]
-    d2 = dx ** 2 + dy ** 2
+    dx, dy, r = x - cx[:, None, None], y - cy[:, None, None], r[:, None, None]  # (M, size, size) from each centre
+    d2, arm = dx ** 2 + dy ** 2, torch.clamp(r / 3, min=1.0)  # arm: half-width of bars and rings
     inside = (dx.abs() <= r) & (dy.abs() <= r)  # the bounding square of the shape
-    arm = torch.clamp(r / 3, min=1.0)  # half-width of bars and rings
-    masks = {
-        'disc': lambda: d2 <= r ** 2,
-        'ring': lambda: (d2 <= r ** 2) & (d2 >= (r - 1.5 * arm) ** 2),
-        'square': lambda: inside,
-        'frame': lambda: inside & ((dx.abs() > r - arm) | (dy.abs() > r - arm)),
-        'triangle': lambda: inside & (dx.abs() <= (dy + r) / 2),  # apex up, base at the bottom of the square
-        'plus': lambda: inside & ((dx.abs() <= arm / 1.5) | (dy.abs() <= arm / 1.5)),
-        'cross': lambda: inside & (((dx - dy).abs() <= arm) | ((dx + dy).abs() <= arm)),
-        'h_stripes': lambda: ((y // 2) % 2 == 0).expand_as(d2).clone(),
-        # columns 1-2, 5-6, ...: the mirror image (which training also sees) is the same
-        'v_stripes': lambda: (((x + 0.5) // 2) % 2 == 1).expand_as(d2).clone(),
-        'diamond': lambda: dx.abs() + dy.abs() <= r}
-    return masks[kind]()
+    return {'disc': lambda: d2 <= r ** 2,
+            'ring': lambda: (d2 <= r ** 2) & (d2 >= (r - 1.5 * arm) ** 2),
+            'square': lambda: inside,
+            'frame': lambda: inside & ((dx.abs() > r - arm) | (dy.abs() > r - arm)),
+            'triangle': lambda: inside & (dx.abs() <= (dy + r) / 2),  # apex up, base at the bottom of the square
+            'plus': lambda: inside & ((dx.abs() <= arm / 1.5) | (dy.abs() <= arm / 1.5)),
+            'cross': lambda: inside & (((dx - dy).abs() <= arm) | ((dx + dy).abs() <= arm)),
+            'h_stripes': lambda: ((y // 2) % 2 == 0).expand_as(d2).clone(),
+            # columns 1-2, 5-6, ...: the mirror image (which training also sees) is the same
+            'v_stripes': lambda: (((x + 0.5) // 2) % 2 == 1).expand_as(d2).clone(),
+            'diamond': lambda: dx.abs() + dy.abs() <= r}[kind]()
 
 
 def make_shapes(num_images, size=16, seed=0, pairs=False):
-    """The built-in datasets: (images (M, size, size, 3) uint8, labels (M,) int64), deterministic in `seed`.
-    'shapes': one shape of the class, centred, at a random scale, in one of 10 colours on black. 'pairs'
-    (pairs=True), harder: two shapes of the class side by side, each at its own random height and scale, in one
-    colour, so that the two halves of an image must agree. Stripes cover the whole image in both."""
+    """The built-in data: (images (M, size, size, 3) uint8, labels (M,)), deterministic in seed. 'shapes': a shape of
+    the class, centred, of random scale, in one of 10 colours on black; pairs=True, harder: two shapes of the class
+    side by side, each at its own height and scale, in one colour, so that the two halves must agree."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_images) % len(SHAPE_CLASSES)
     u = torch.rand(3, 2 if pairs else 1, num_images, generator=g)  # (3, copies, M) uniform draws
@@ -495,8 +448,8 @@ def make_shapes(num_images, size=16, seed=0, pairs=False):
 
 
 class RandomTokens:
-    """A stand-in for an ImageNet token cache: random tokens in the cache's layout (2, 16, 16[, D]) for any row,
-    drawn from the row index, so that --bench and --dry_run run the paper's shapes without reading data."""
+    """An ImageNet token cache's stand-in: random tokens (2, 16, 16[, D]) of any row, drawn from the row index, so that
+    --bench and --dry_run run the paper's shapes without data."""
 
     num_images, num_classes, grid_size = 1281167, 1000, 16  # ImageNet-1k train, 256x256 images as 16x16 tokens
 
@@ -518,22 +471,20 @@ class RandomTokens:
 
 
 def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
-    """(tokens (M, 2, h, w) ids or (M, 2, h, w, D) vectors, labels (M,), meta), axis 1 holding each image
-    and its mirror, of the built-in data ('shapes', or the harder 'pairs', drawn and tokenized here), of random
-    tokens of the paper's shapes ('random', for --bench and --dry_run) or of a cache directory."""
+    """(tokens (M, 2, h, w[, D]), labels (M,), meta), axis 1 each image and its mirror: the built-in data ('shapes',
+    'pairs'; drawn and tokenized here, on the cube), random tokens ('random') or a cache directory."""
     if data == 'random':
         tokens = RandomTokens(tokenizer)
         return tokens, np.arange(len(tokens)) % tokens.num_classes, tokens.meta
-    if data in BUILT_IN:  # drawn at the size that gives a 16x16 token grid, pixels on the cube (exact colours)
+    if data in BUILT_IN:  # drawn at the size that gives a 16x16 token grid
         if tokenizer not in ('pixel', 'pixel_patch'):
             raise SystemExit(f"error: --data {data} is drawn for the pixel tokenizers; for --tokenizer {tokenizer}, "
                              f"cache an ImageFolder: python tokenizers.py cache --tokenizer {tokenizer} --ckpt ...")
-        tok = TOKENIZERS[tokenizer]()
         image_size = 16 * DOWNSAMPLING[tokenizer]
         images, labels = make_shapes(num_images, size=image_size, seed=seed, pairs=data == 'pairs')
         meta = dict(tokenizer=tokenizer, image_size=image_size, grid_size=16, num_classes=len(SHAPE_CLASSES),
                     classes=SHAPE_CLASSES, **token_meta(tokenizer))
-        return cache_array(encode_with_mirror(tok, images)), labels.numpy(), meta  # (M, 2, h, w[, D])
+        return cache_array(encode_with_mirror(make_tokenizer(tokenizer), images)), labels.numpy(), meta
     if not os.path.isdir(data):
         raise SystemExit(f"error: --data {data}: no such directory; use --data shapes (built-in) or make a cache "
                          f"with `python tokenizers.py cache --data IMAGEFOLDER --out {data}`")
@@ -551,29 +502,26 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
 # ImageFolder reading and the token cache
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
-CACHE_FILE = re.compile(r'meta\.json|(tokens|labels)_\d{5}\.npy')  # what cache() writes in --out
+CACHE_FILE = re.compile(r'(meta\.json|(tokens|labels)_\d{5}\.npy)(\.\d+\.tmp)?')  # what cache() writes in --out
 PALETTE_IMAGES, PALETTE_PIXELS = 1000, 1000  # a palette is fitted on up to 1000 pixels of up to 1000 images
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's centre crop (openai/guided-diffusion image_datasets.py, also used by MAR and LlamaGen):
-    halve with a box filter while the short side is >= 2x the target, resize the short side to
-    image_size with bicubic, then crop the centre."""
+    """ADM's centre crop (guided-diffusion image_datasets.py, used by MAR and LlamaGen): halve with a box filter while
+    the short side is >= 2x the target, resize it to image_size (bicubic), crop the centre."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
+    arr = np.array(pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC))
     top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[top:top + image_size, left:left + image_size]
 
 
 def to_rgb(im):
-    """A Pillow image of any mode as 8-bit RGB. convert('RGB') would clip 16-bit greys ('I;16', 'I': 16-bit PNG, TIFF)
-    and float ones ('F': float TIFF) to [0, 255], all white or black; they are scaled from [0, 65535] and [0, 1]."""
+    """A Pillow image of any mode as 8-bit RGB; 16-bit ('I;16', 'I') and float ('F') greys, which convert('RGB') clips
+    to black or white, scaled from [0, 65535] and [0, 1]."""
     if im.mode.startswith('I') or im.mode == 'F':
-        x = np.asarray(im, dtype=np.float64)
-        top = 1.0 if im.mode == 'F' else 65535.0
+        x, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == 'F' else 65535.0
         if not (x.min() >= 0 and x.max() <= top):  # NaN fails too
             raise ValueError(f"mode {im.mode} values in [{x.min():g}, {x.max():g}]; only [0, {top:g}] is read")
         im = Image.fromarray(np.round(x * (255 / top)).astype(np.uint8))  # grey, mode 'L'
@@ -581,8 +529,8 @@ def to_rgb(im):
 
 
 def list_image_folder(root):
-    """(paths, labels, class_names) of the image files of an ImageFolder: one subdirectory per class, sorted by
-    name; files without an image extension are skipped, saying so."""
+    """(paths, labels, class_names) of an ImageFolder, a subdirectory per class, sorted; other files are skipped,
+    saying so."""
     if not os.path.isdir(root):
         raise SystemExit(f"error: --data {root}: no such directory (expected an ImageFolder DIR/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -597,14 +545,13 @@ def list_image_folder(root):
         files = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             raise SystemExit(f"error: --data {root}: class folder '{c}' has no image files")
-        paths += files
-        labels += [k] * len(files)
+        paths, labels = paths + files, labels + [k] * len(files)
     return paths, labels, classes
 
 
 def files_sha256(root, paths):
-    """A digest of the files' paths under root and sizes, so that a cache is only continued over the same files
-    (sizes, not contents or times: reading ImageNet twice is slow, and a copied folder has new times)."""
+    """A digest of the files' relative paths and sizes (not contents: reading ImageNet twice is slow), so that a cache
+    is continued only over the same files."""
     h = hashlib.sha256()
     for p in paths:
         h.update(f"{os.path.relpath(p, root)}\t{os.path.getsize(p)}\n".encode())
@@ -612,10 +559,8 @@ def files_sha256(root, paths):
 
 
 def encode_with_mirror(tokenizer, images):
-    """What the cache keeps of uint8 images (B, H, W, 3) and of their horizontal mirrors, (B, 2, h, w[, D]):
-    MAR caches both and training picks one at random. One encoder call for the two."""
-    both = tokenizer.encode(torch.cat([images, images.flip(2)]))  # the images, then their mirrors
-    return torch.stack(both.chunk(2), dim=1)
+    """What the cache keeps of uint8 images (B, H, W, 3) and their mirrors, (B, 2, h, w[, D]): MAR caches both."""
+    return torch.stack(tokenizer.encode(torch.cat([images, images.flip(2)])).chunk(2), dim=1)
 
 
 def cache_array(tokens):
@@ -642,12 +587,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def cache(args):
-    """Tokenize an ImageFolder into CACHE/meta.json and shards of (images, 2, h, w[, D]) tokens, each image
-    and its horizontal flip (MAR caches both; training picks one at random), and their labels.
-    Under torchrun, rank 0 holds the folder (CACHE/.lock) and writes meta.json (with a fitted palette) before any
-    rank writes a shard; rank r encodes shards r, r + world, ... A shard is written to a temporary file and renamed,
-    so a killed run continues where it stopped, with any number of processes; a finished shard is rewritten only
-    if unreadable (or with --rebuild, which starts afresh)."""
+    """Tokenize an ImageFolder into CACHE/meta.json and shards of (images, 2, h, w[, D]) tokens, each image with its
+    mirror (training picks one), and labels. Under torchrun rank 0 holds the folder and writes meta.json (with a
+    fitted palette) before any rank writes a shard, rank r taking shards r, r + world, ...; a shard is written whole
+    or not at all, so a killed run continues where it stopped, with any number of processes."""
     check_cache_args(args)
     ddp, rank, world = setup_distributed()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
@@ -660,76 +603,59 @@ def cache(args):
                 **(dict(palette=args.palette, palette_size=args.palette_size) if args.tokenizer == 'pixel' else {}))
     make_folder(args.out, '--out')
     with hold_lock(args.out, 'tokenizers.py cache') if rank == 0 else contextlib.nullcontext():
-        error = None
+        error = [None]
         if rank == 0:
             try:
                 start_cache(args, meta, paths, labels)
             except SystemExit as e:  # the other ranks stop with the same line
-                error = str(e.code)
+                error = [str(e.code)]
         if ddp:
-            error = [error]
-            dist.broadcast_object_list(error)
-            error = error[0]
-        if error:
-            raise SystemExit(error)
+            dist.broadcast_object_list(error)  # also the barrier: no shard before meta.json
+        if error[0]:
+            raise SystemExit(error[0])
         meta = read_meta(args.out)  # with the palette
         tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device, meta.get('colours'))
         for k in range(rank, meta['num_shards'], world):
             encode_shard(args, k, tokenizer, paths, labels)
         if ddp:
             dist.barrier()  # every rank's shards are written
-        if rank == 0:
-            n = len(TokenCache(args.out, meta))  # the checks training makes, so that a cache it would refuse fails here
-            print(f"cache {args.out} complete: {n} images of {len(classes)} classes")
+        if rank == 0:  # the checks training makes, so that a cache it would refuse fails here
+            print(f"cache {args.out} complete: {len(TokenCache(args.out, meta))} images of {len(classes)} classes")
     if ddp:
         dist.destroy_process_group()
 
 
 def start_cache(args, meta, paths, labels):
-    """Rank 0, before any shard: continue a cache that the same arguments and files began (same meta.json, whose
-    fitted palette it keeps), or begin one, fitting the palette and writing meta.json; refuse any other cache in one
-    line. --rebuild deletes it first."""
-    out, fitted = args.out, ('colours', 'vocab_size')  # what fitting the palette adds to meta
-    ours = [f for f in os.listdir(out) if CACHE_FILE.fullmatch(f.split('.', 1)[0] + '.' + f.split('.')[1])]
-    old = read_meta(out)
+    """Rank 0, before any shard: continue a cache the same arguments and files began (same meta.json, and its fitted
+    palette), or begin one (--rebuild deletes the old), fitting the palette and writing meta.json."""
+    ours, old = [f for f in os.listdir(args.out) if CACHE_FILE.fullmatch(f)], read_meta(args.out)
     if ours and not args.rebuild:
         differ = [f"{k} {old.get(k)} -> {meta.get(k)}" if len(f"{old.get(k)}{meta.get(k)}") < 200 else k
-                  for k in dict.fromkeys([*meta, *(old or {})]) if k not in fitted and (old or {}).get(k) != meta.get(k)]
+                  for k in dict.fromkeys([*meta, *(old or {})]) if k not in ('colours', 'vocab_size')
+                  and (old or {}).get(k) != meta.get(k)]  # what fitting the palette adds is no difference
         if old is None or differ:
-            raise SystemExit(f"error: --out {out} holds a cache made from other arguments or files "
+            raise SystemExit(f"error: --out {args.out} holds a cache made from other arguments or files "
                              f"({', '.join(differ or ['no meta.json'])}); write to another --out, or add --rebuild "
                              f"to encode it afresh")
         return
     for f in ours:
-        os.remove(os.path.join(out, f))
-    if meta.get('palette') == 'fit':
-        t0 = time.time()
-        meta['colours'] = palette_of(paths, labels, args.image_size, args.palette_size).tolist()
+        os.remove(os.path.join(args.out, f))
+    if meta.get('palette') == 'fit':  # on up to PALETTE_PIXELS pixels of up to PALETTE_IMAGES images, seeded
+        rng, files, pixels, t0 = np.random.default_rng(0), ImageFiles(paths, labels, args.image_size), [], time.time()
+        for image in (files[i][0] for i in rng.permutation(len(paths))[:PALETTE_IMAGES]):
+            if image is not None:  # unreadable files are reported when encoded
+                pixels.append(image.reshape(-1, 3)[rng.permutation(image.shape[0] * image.shape[1])[:PALETTE_PIXELS]])
+        meta['colours'] = fit_palette(np.concatenate(pixels), args.palette_size).tolist()
         print(f"palette: {len(meta['colours'])} colours fitted in {time.time() - t0:.0f}s", flush=True)
     meta.update(token_meta(args.tokenizer, meta.get('colours')))
-    write_atomic(os.path.join(out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-
-
-def palette_of(paths, labels, image_size, size):
-    """fit_palette on up to PALETTE_PIXELS pixels of each of up to PALETTE_IMAGES images, drawn with a fixed seed."""
-    rng = np.random.default_rng(0)
-    files = ImageFiles(paths, labels, image_size)
-    pixels = []
-    for i in rng.permutation(len(paths))[:PALETTE_IMAGES]:
-        image = files[i][0]
-        if image is not None:  # unreadable files are reported when encoded
-            image = image.reshape(-1, 3)
-            pixels.append(image[rng.permutation(len(image))[:PALETTE_PIXELS]])
-    return fit_palette(np.concatenate(pixels), size)
+    write_atomic(os.path.join(args.out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
 def encode_shard(args, k, tokenizer, paths, labels):
-    """Write shard k: its images' tokens, then their labels (last: marks it done). A shard already done is kept
-    unless unreadable or --rebuild (start_cache then removed it)."""
+    """Write shard k: its images' tokens, then their labels (last: marks it done); a readable one is kept."""
     if os.path.exists(shard_path(args.out, k, 'labels')):  # written last: marks it done
         try:
-            read_shard(args.out, k)
-            return  # finished by an earlier run
+            return read_shard(args.out, k)  # finished by an earlier run
         except ValueError as e:  # cut short or missing its tokens: encoded again
             print(f"re-encoding shard {k}: {e}", file=sys.stderr)
     part = slice(k * args.shard_size, (k + 1) * args.shard_size)
@@ -742,8 +668,7 @@ def encode_shard(args, k, tokenizer, paths, labels):
         for image, _, what in batch:
             if image is None:
                 print(f"skipping {what}", file=sys.stderr)
-        batch = [b for b in batch if b[0] is not None]
-        if batch:
+        if batch := [b for b in batch if b[0] is not None]:
             images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
             tokens.append(cache_array(encode_with_mirror(tokenizer, images)))  # (B, 2, h, w[, D])
             kept += [b[1] for b in batch]
@@ -766,54 +691,46 @@ def read_shard(out, k):
     """(tokens memory-mapped, labels) of shard k, or a ValueError naming the file that is missing or cut short."""
     arrays = []
     for what in ('tokens', 'labels'):
-        path = shard_path(out, k, what)
         try:
-            arrays.append(np.load(path, mmap_mode='r'))  # reads the header; a file cut short fails to map
+            arrays.append(np.load(shard_path(out, k, what), mmap_mode='r'))  # a file cut short fails to map
         except (OSError, ValueError, EOFError) as e:  # missing, cut short, or not an .npy file
-            raise ValueError(f"{path} is unreadable ({e})") from None
-    tokens, labels = arrays
-    if len(tokens) != len(labels):
-        raise ValueError(f"{shard_path(out, k, 'tokens')} holds {len(tokens)} images but its labels file {len(labels)}")
-    return tokens, np.array(labels)
-
-
-def check_shards(path, meta, shards, labels):
-    """Refuse a cache whose shards are not what its meta.json says, in one line naming the file or the class."""
-    g, dtype = meta['grid_size'], np.dtype(np.uint16 if 'vocab_size' in meta else np.float16)
-    remake = "rerun its `tokenizers.py cache` command with --rebuild"
-    for k, t in enumerate(shards):
-        if t.shape[1:4] != (2, g, g) or t.shape[1:] != shards[0].shape[1:] or t.dtype != dtype:
-            raise SystemExit(f"error: cache {path}: {shard_path(path, k, 'tokens')} holds {t.dtype} tokens "
-                             f"{t.shape[1:]}, not the {dtype} {g}x{g} grids of its meta.json; {remake}")
-    counts = np.bincount(labels, minlength=meta['num_classes'])  # labels are >= 0: cache() writes class indices
-    if len(counts) > meta['num_classes']:
-        raise SystemExit(f"error: cache {path}: labels beyond the {meta['num_classes']} classes of meta.json; {remake}")
-    # refused, not dropped: dropping a class would shift the labels of the classes after it
-    empty = [c for c, count in zip(meta['classes'], counts) if count == 0]
-    if empty:
-        raise SystemExit(f"error: cache {path}: no image of class {', '.join(empty[:3])}: every file was skipped "
-                         f"when cached (the reasons were printed then); fix or remove them, then {remake}")
+            raise ValueError(f"{shard_path(out, k, what)} is unreadable ({e})") from None
+    if len(arrays[0]) != len(arrays[1]):
+        raise ValueError(f"{shard_path(out, k, 'tokens')} holds {len(arrays[0])} images but its labels file "
+                         f"{len(arrays[1])}")
+    return arrays[0], np.array(arrays[1])
 
 
 class TokenCache:
-    """The shards of a cache, memory-mapped and indexed as one (M, 2, h, w[, D]) array: only the rows of the
-    batches read are loaded. Shards that disagree with meta.json are refused."""
+    """A cache's shards, memory-mapped and indexed as one (M, 2, h, w[, D]) array (only the rows read are loaded);
+    shards that disagree with meta.json are refused in one line."""
 
     def __init__(self, path, meta):
-        num_shards = meta['num_shards']
-        missing = [k for k in range(num_shards) if not os.path.exists(shard_path(path, k, 'labels'))]
+        missing = [k for k in range(meta['num_shards']) if not os.path.exists(shard_path(path, k, 'labels'))]
         if missing:
-            raise SystemExit(f"error: cache {path}: shards {missing[:5]} of {num_shards} are not written yet; "
+            raise SystemExit(f"error: cache {path}: shards {missing[:5]} of {meta['num_shards']} are not written yet; "
                              f"finish the cache (rerun the same `tokenizers.py cache` command)")
         try:
-            shards = [read_shard(path, k) for k in range(num_shards)]
+            shards = [read_shard(path, k) for k in range(meta['num_shards'])]
         except ValueError as e:
             raise SystemExit(f"error: cache {path}: {e}; rerun the `tokenizers.py cache` command that made it, "
                              f"which re-encodes a broken shard") from None
-        self.shards = [tokens for tokens, _ in shards]
-        self.labels = np.concatenate([labels for _, labels in shards])
-        check_shards(path, meta, self.shards, self.labels)
+        self.shards, self.labels = [t for t, _ in shards], np.concatenate([labels for _, labels in shards])
         self.offsets = np.cumsum([0] + [len(t) for t in self.shards])
+        g, dtype = meta['grid_size'], np.dtype(np.uint16 if 'vocab_size' in meta else np.float16)
+        remake = "rerun its `tokenizers.py cache` command with --rebuild"
+        for k, t in enumerate(self.shards):
+            if t.shape[1:4] != (2, g, g) or t.shape[1:] != self.shards[0].shape[1:] or t.dtype != dtype:
+                raise SystemExit(f"error: cache {path}: {shard_path(path, k, 'tokens')} holds {t.dtype} tokens "
+                                 f"{t.shape[1:]}, not the {dtype} {g}x{g} grids of its meta.json; {remake}")
+        counts = np.bincount(self.labels, minlength=meta['num_classes'])  # cache() writes class indices >= 0
+        if len(counts) > meta['num_classes']:
+            raise SystemExit(f"error: cache {path}: labels beyond the {meta['num_classes']} classes of meta.json; "
+                             f"{remake}")
+        # refused, not dropped: dropping a class would shift the labels of the classes after it
+        if empty := [c for c, count in zip(meta['classes'], counts) if count == 0]:
+            raise SystemExit(f"error: cache {path}: no image of class {', '.join(empty[:3])}: every file was skipped "
+                             f"when cached (the reasons were printed then); fix or remove them, then {remake}")
 
     def __len__(self):
         return len(self.labels)
@@ -831,8 +748,7 @@ def read_meta(path):
 
 
 def setup_distributed():
-    """(ddp, rank, world_size) under torchrun, with a gloo process group for the start and end barriers; a single
-    process otherwise."""
+    """(ddp, rank, world_size): under torchrun a gloo process group, for the barriers; a single process otherwise."""
     if int(os.environ.get('WORLD_SIZE', 1)) == 1:
         return False, 0, 1
     if 'MASTER_ADDR' not in os.environ:
@@ -843,6 +759,7 @@ def setup_distributed():
 
 # -----------------------------------------------------------------------------
 # Files and reports every script shares: one home each
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of every script: the module docstring's usage lines as written, and each flag's default."""
@@ -856,9 +773,8 @@ def one_line(e):
 
 
 def write_atomic(path, write, advice=''):
-    """write(f) into a temporary file beside path, then rename it to path: the file is written whole or not at all,
-    and what path held before stays until then. A disk error (full, read-only, no permission) stops in one line
-    naming the path, leaving no partial file."""
+    """write(f) into a temporary file beside path, then renamed to path: written whole or not at all, and what path
+    held stays until then. A disk error (full, read-only, no permission) stops in one line naming the path."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, 'wb') as f:
@@ -881,27 +797,24 @@ def make_folder(path, flag):
 
 @contextlib.contextmanager
 def hold_lock(folder, what):
-    """Hold folder/.lock while the block runs, so that a second process cannot write into the same folder; the OS
-    releases it when the process ends, even when killed (fcntl.flock), so no stale lock is left behind."""
+    """folder/.lock held while the block runs, so that no second process writes there; the OS releases it when the
+    process ends, even killed (fcntl.flock): no stale lock."""
     try:
         f = open(os.path.join(folder, '.lock'), 'a')
     except OSError as e:
         raise SystemExit(f"error: {folder}: cannot write there ({e.strerror or e}); choose another folder") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise SystemExit(f"error: {folder} is in use by another running {what}; wait for it to end, or choose "
-                         f"another folder") from None
-    try:
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f"error: {folder} is in use by another running {what}; wait for it to end, or choose "
+                             f"another folder") from None
         yield
-    finally:
-        f.close()
 
 
 def read_torch(path, what, advice='', device='cpu'):
-    """torch.load(path) without unpickling Python objects (weights_only), or one error line naming the file. The one
-    reader of checkpoints and weight files; `what` names the kind of file, advice says what was expected."""
+    """torch.load(path) without unpickling Python objects (weights_only), or one error line naming the file: the one
+    reader of checkpoints and weights. `what`: the kind of file; advice: what was expected."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file{advice}")
     try:
@@ -916,9 +829,8 @@ def read_torch(path, what, advice='', device='cpu'):
 
 def load_weights(model, state, path, what, damaged="the run that wrote them diverged; use an earlier checkpoint "
                  "(out_dir/ckpt_STEP.pt)"):
-    """Load the state dict `state`, read from the file `path`, into `model` strictly, or stop in one `error:` line
-    naming the file, `what` it holds (e.g. "its 'ema' weights") and the first missing, unexpected, wrongly shaped
-    or non-finite entries (then `damaged` says what to do). For checkpoints and the released tokenizers alike."""
+    """state, the state dict in the file path, into model strictly, or one error line naming the file, `what` it holds
+    and the first missing, unexpected, wrongly shaped or non-finite entries (then `damaged` says what to do)."""
     own, state = model.state_dict(), state if isinstance(state, dict) else {}
 
     def shape(v):
@@ -932,8 +844,7 @@ def load_weights(model, state, path, what, damaged="the run that wrote them dive
                             if k in own and shape(v) != shape(own[k])])] if keys]
     if problems:
         raise SystemExit(f"error: {path}: {what} do not fit the model: {'; '.join(problems)}")
-    bad = [k for k, v in state.items() if not v.isfinite().all()]  # integer tensors are always finite
-    if bad:
+    if bad := [k for k, v in state.items() if not v.isfinite().all()]:  # integer tensors are always finite
         raise SystemExit(f"error: {path}: {what} hold NaN or inf in {some(bad, 'of their tensors')}: {damaged}")
     model.load_state_dict(state)
     return model
@@ -944,7 +855,7 @@ PEAK_TFLOPS = {'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312}
 
 
 def mfu(flops_per_second, device, peak_tflops=None):
-    """Model FLOPs utilisation: the fraction of the device's peak bf16 FLOP/s, None where it is unknown (CPUs)."""
+    """Model FLOPs utilisation: the fraction of the device's peak bf16 FLOP/s; None where unknown (CPUs)."""
     name = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else ''
     peak = next((t for n, t in PEAK_TFLOPS.items() if n in name), peak_tflops)
     return peak and flops_per_second / (peak * 1e12)
@@ -963,41 +874,37 @@ def peak_memory(device):
 # -----------------------------------------------------------------------------
 # The command line
 
+
 def check_cache_args(args):
     """Flags that cannot work fail here, in one line, before anything is read or written."""
-    m, errors = DOWNSAMPLING[args.tokenizer], []
-    if args.image_size < 1 or args.image_size % m:
-        errors.append(f"--image_size {args.image_size} must be positive" + (
-            f" and a multiple of {m} (one {args.tokenizer} token covers {m}x{m} pixels)" if m > 1 else ""))
-    if args.ckpt and args.tokenizer not in RECONSTRUCTION_TOKENIZERS:
-        errors.append(f"--ckpt is for --tokenizer vq or vae; --tokenizer {args.tokenizer} has no weights")
-    if args.batch_size < 1 or args.shard_size < 1 or args.workers < 0:
-        errors.append("--batch_size and --shard_size must be at least 1, --workers at least 0")
-    if not 2 <= args.palette_size <= 65536:  # the cache stores ids as uint16
-        errors.append(f"--palette_size {args.palette_size} must be in [2, 65536]")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        errors.append(f"--out {args.out} is a file, not a directory")
-    data, out = os.path.abspath(args.data), os.path.abspath(args.out)
-    if out != data and os.path.commonpath([data, out]) == data:  # the cache would be read as a class folder
-        errors.append(f"--out {args.out} is inside --data; put it next to the images, e.g. --out {data}_cache")
-    if errors:
+    m, data, out = DOWNSAMPLING[args.tokenizer], os.path.abspath(args.data), os.path.abspath(args.out)
+    checks = [  # (what is wrong, the message)
+        (args.image_size < 1 or args.image_size % m, f"--image_size {args.image_size} must be positive" + (
+            f" and a multiple of {m} (one {args.tokenizer} token covers {m}x{m} pixels)" if m > 1 else "")),
+        (args.ckpt and args.tokenizer not in RECONSTRUCTION_TOKENIZERS,
+         f"--ckpt is for --tokenizer vq or vae; --tokenizer {args.tokenizer} has no weights"),
+        (args.batch_size < 1 or args.shard_size < 1 or args.workers < 0,
+         "--batch_size and --shard_size must be at least 1, --workers at least 0"),
+        (not 2 <= args.palette_size <= 65536, f"--palette_size {args.palette_size} must be in [2, 65536]"),  # uint16
+        (os.path.exists(args.out) and not os.path.isdir(args.out), f"--out {args.out} is a file, not a directory"),
+        (out != data and os.path.commonpath([data, out]) == data,  # the cache would be read as a class folder
+         f"--out {args.out} is inside --data; put it next to the images, e.g. --out {data}_cache")]
+    if errors := [message for wrong, message in checks if wrong]:
         raise SystemExit("error: " + "; ".join(errors))
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('cache', help='tokenize an ImageFolder into a cache directory')
+    p = parser.add_subparsers(dest='command', required=True).add_parser('cache', help='tokenize an ImageFolder')
     p.add_argument('--tokenizer', default='pixel', choices=list(TOKENIZERS),
                    help="pixel: palette ids; pixel_patch: 2x2 patches as 12-d vectors; vq, vae: the paper's")
     p.add_argument('--palette', default='fit', choices=['fit', 'cube'],
-                   help="pixel: fit: the data's colours, k-means (iGPT) when there are more than --palette_size; "
-                        "cube: the fixed 3 bits per channel")
+                   help="pixel: fit: the data's colours (k-means beyond --palette_size); cube: 3 bits per channel")
     p.add_argument('--palette_size', type=int, default=512, help='pixel, fit: at most this many colours (iGPT: 512)')
     p.add_argument('--ckpt', default=None, help='released weights of vq (vq_ds16_c2i.pt) or vae (kl16.ckpt)')
     p.add_argument('--data', required=True, help='ImageFolder root: DIR/<class>/<image>')
-    p.add_argument('--image_size', type=int, default=16, help='centre crop size (the paper: 256); grid = size / 16 '
-                                                               'for vq and vae, / 2 for pixel_patch, = size for pixel')
+    p.add_argument('--image_size', type=int, default=16,
+                   help='centre crop size (the paper: 256); grid: size / 16 (vq, vae), / 2 (pixel_patch), size (pixel)')
     p.add_argument('--out', required=True, help='cache directory to write; a rerun continues it (same flags and files)')
     p.add_argument('--rebuild', action='store_true', help='delete the cache in --out first, e.g. to change its flags')
     p.add_argument('--batch_size', type=int, default=64, help='images per encoder call (each with its mirror)')

@@ -10,9 +10,9 @@ Train Heptapod (heads.Heptapod): next 2D distribution prediction, or a 1D baseli
     python train.py --eval_every 650 --eval_images 500   # small data: Frechet distance in a PCA space, class accuracy
 
 Writes out_dir/ckpt.pt (every --ckpt_interval steps and at the end), out_dir/log.jsonl and out_dir/samples.png;
-an out_dir belongs to one run (--resume continues it, --overwrite replaces it). Every random draw of step s
-(generation orders, supervised prefixes, which mirror of each image, diffusion noise) comes from a generator
-seeded by (seed, s, micro-batch), so the run is the same on any number of GPUs and resumes exactly.
+an out_dir holds one run (--resume continues it, --overwrite replaces it). Every random draw of step s (orders,
+prefixes, mirrors, diffusion noise) comes from a generator seeded by (seed, s, micro-batch): a run is the same on
+any number of GPUs and resumes exactly.
 """
 import argparse
 import contextlib
@@ -34,7 +34,7 @@ import fid
 from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
 from sample import CUDAGraphs, check_checkpoint, decode, generate, save_grid
-from tokenizers import (BUILT_IN, DOWNSAMPLING, TOKENIZERS, HelpFormatter, PEAK_TFLOPS, hold_lock, load_dataset,
+from tokenizers import (BUILT_IN, DOWNSAMPLING, PEAK_TFLOPS, TOKENIZERS, HelpFormatter, hold_lock, load_dataset,
                         load_weights, make_folder, make_tokenizer, mfu, peak_memory, percent, read_torch, write_atomic)
 
 
@@ -44,8 +44,8 @@ def print0(*a, **kw):
 
 
 def get_lr(step, args):
-    """Linear warmup, then constant (MAR's schedule) or cosine decay to 0. With NPP the schedule restarts
-    in every patch-size segment and decays linearly to 1e-5 over the segment's last fifth (NPP Sec. 4.1)."""
+    """Linear warmup, then constant (MAR's) or cosine decay to 0; with NPP it restarts in every patch-size segment
+    and decays linearly to 1e-5 over the segment's last fifth (NPP Sec. 4.1)."""
     start, end, _ = npp_segment(step, args)
     s, length = step - start, end - start
     if s < args.warmup_steps:
@@ -55,15 +55,13 @@ def get_lr(step, args):
         return args.lr if s < length - tail else args.lr + (1e-5 - args.lr) * (s - (length - tail)) / tail
     if args.lr_schedule == 'constant':
         return args.lr
-    progress = (s - args.warmup_steps) / max(1, length - args.warmup_steps)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (s - args.warmup_steps) / max(1, length - args.warmup_steps)))
 
 
 def npp_segment(step, args):
-    """(first step, end step, patch size) of the NPP segment that holds `step` (NPP Sec. 3.2): patches of
-    2^l x 2^l while step < lambda^l T, for l = levels-1 down to 1, then 1x1 until T. Without NPP
-    (--npp_levels 1) the whole run is one 1x1 segment."""
-    ends = [round(args.npp_lambda ** l * args.max_steps) for l in range(args.npp_levels - 1, 0, -1)] + [args.max_steps]
+    """(first step, end step, patch size) of the NPP segment holding `step` (NPP Sec. 3.2): patches of 2^l x 2^l
+    while step < lambda^l T, l = levels-1 down to 1, then 1x1; without NPP, one 1x1 segment."""
+    ends = [round(args.npp_lambda ** v * args.max_steps) for v in range(args.npp_levels - 1, 0, -1)] + [args.max_steps]
     start = 0
     for k, end in enumerate(ends):
         if step < end or k == len(ends) - 1:
@@ -72,18 +70,15 @@ def npp_segment(step, args):
 
 
 def rar_prob(step, args):
-    """RAR Eq. 5: the probability of a random order, 1 before --anneal_start, 0 after --anneal_end and linear
-    in between, in fractions of training, so that resuming does not change it."""
-    progress = step / args.max_steps
-    return min(1.0, max(0.0, (args.anneal_end - progress) / (args.anneal_end - args.anneal_start)))
+    """RAR Eq. 5: the probability of a random order, 1 before --anneal_start, 0 after --anneal_end, linear between."""
+    return min(1.0, max(0.0, (args.anneal_end - step / args.max_steps) / (args.anneal_end - args.anneal_start)))
 
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
-    # the decay ramps up as (1+step)/(10+step) (TF's ExponentialMovingAverage with num_updates), so
-    # that short runs get a useful average too; it reaches 0.9999 after ~90k steps
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+    # the decay ramps up as (1+step)/(10+step) (TF's ExponentialMovingAverage with num_updates), so that short runs
+    # average too; it reaches 0.9999 after ~90k steps
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - min(decay, (1 + step) / (10 + step)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,64 +87,54 @@ def epoch_permutation(num_images, seed, epoch):
 
 
 def get_batch(tokens, labels, step, args, rank, accum):
-    """This rank's part of the global batch of `step`: rows [s G, (s+1) G) of the epoch's permutation
-    (seeded by seed and epoch), split into micro-batches of --batch_size, rank r taking micro-batches
-    r*accum .. (r+1)*accum - 1. Returns what the cache keeps of each image and of its mirror,
-    (accum*B, 2, H*W) ids or (accum*B, 2, H*W, D) vectors, and the labels (accum*B,)."""
+    """This rank's part of step's global batch: rows [s G, (s+1) G) of the epoch's permutation, in micro-batches of
+    --batch_size, rank r taking r*accum .. (r+1)*accum - 1. Returns what the cache keeps of each image and of its
+    mirror, (accum*B, 2, H*W) ids or (accum*B, 2, H*W, D) vectors, and the labels (accum*B,)."""
     G = args.global_batch_size
     epoch, i = divmod(step, len(labels) // G)
-    part = epoch_permutation(len(labels), args.seed, epoch)[i * G:(i + 1) * G]
-    rows = part[rank * accum * args.batch_size:(rank + 1) * accum * args.batch_size]
-    x = read_rows(tokens, rows)  # (accum*B, 2, H, W) or (accum*B, 2, H, W, D)
-    return x.flatten(2, 3), torch.from_numpy(labels[rows].astype(np.int64))
+    rows = epoch_permutation(len(labels), args.seed, epoch)[i * G:(i + 1) * G][
+        rank * accum * args.batch_size:(rank + 1) * accum * args.batch_size]
+    return read_rows(tokens, rows).flatten(2, 3), torch.from_numpy(labels[rows].astype(np.int64))
 
 
 def read_rows(tokens, rows):
-    """The cache's `rows` as a tensor, ids as int64 and vectors as float32: the memory map is read in order,
-    then the rows are put back in the order asked for."""
+    """The cache's rows (read in memory-map order) as a tensor: ids int64, vectors float32."""
     order = np.argsort(rows)
     x = np.asarray(tokens[rows[order]])[np.argsort(order)]
     return torch.from_numpy(x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32))
 
 
-def micro_batch(x, y, args, step, gen, N, num_classes):
-    """A micro-batch's inputs, every draw from gen: each image or its mirror (MAR), the 'no class' label for
-    --class_dropout, the generation orders (B, N) and the supervised prefix lengths (B, n)."""
-    B = len(y)
-    flip = torch.randint(2, (B,), generator=gen, device=x.device) * args.flip  # the image or its mirror (MAR)
+def micro_batch(x, y, args, step, micro, N, num_classes):
+    """Micro-batch `micro` (counted over all ranks) of step: its generator and inputs, every draw from the generator:
+    each image or its mirror (MAR), the 'no class' label of --class_dropout, orders (B, N), prefix lengths (B, n)."""
+    gen, B = torch.Generator(x.device).manual_seed(hash((args.seed, step, micro)) % 2 ** 62), len(y)
+    flip = torch.randint(2, (B,), generator=gen, device=x.device) * args.flip
     idx = TOKENIZERS[args.tokenizer].from_cache(x[torch.arange(B, device=x.device), flip], gen)
     if args.class_dropout > 0:  # train the 'no class' token for CFG (our comparison run; off in the paper)
         y = torch.where(torch.rand(B, generator=gen, device=x.device) < args.class_dropout, num_classes, y)
-    orders = make_orders(B, N, args.order, gen, rar_prob(step, args))  # (B, N)
-    return idx, y, orders, sample_prefix_lens(B, args.density, N, gen)
-
-
-def micro_generator(seed, step, micro, device):
-    """The generator of micro-batch `micro` (counted over all ranks) of `step`."""
-    return torch.Generator(device).manual_seed(hash((seed, step, micro)) % 2 ** 62)
+    orders = make_orders(B, N, args.order, gen, rar_prob(step, args))
+    return gen, (idx, y, orders, sample_prefix_lens(B, args.density, N, gen))
 
 
 def build(args, meta, device):
-    """The model (config from the data and the flags), its fp32 EMA and AdamW (no weight decay on vectors and on the
-    diffusion MLP, as MAR's add_weight_decay)."""
+    """The model (config from the data and the flags), its fp32 EMA, and AdamW without weight decay on vectors and
+    on the diffusion MLP (MAR's add_weight_decay)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    size = dict(SIZES[args.size], **({'n_layer': args.depth} if args.depth is not None else {}))
-    config = dict(vocab_size=meta.get('vocab_size', 0), token_dim=meta.get('token_dim', 0),
+    config = dict(SIZES[args.size], vocab_size=meta.get('vocab_size', 0), token_dim=meta.get('token_dim', 0),
                   clip_denoised=meta.get('clip_denoised', False), num_classes=meta['num_classes'],
-                  grid_size=meta['grid_size'], head=args.head, head_depth=args.head_depth,
-                  window=args.window if args.head == 'local' else None, target_position=args.target_position,
-                  init=args.init, **size)
+                  grid_size=meta['grid_size'], head=args.head, head_depth=args.head_depth, init=args.init,
+                  window=args.window if args.head == 'local' else None, target_position=args.target_position)
+    config['n_layer'] = args.depth or config['n_layer']
     if not config['token_dim']:  # discrete tokens: no diffusion MLP
         config.update(diffusion_width=None, diffusion_depth=None)
     model = Heptapod(**config).to(device)
-    ema = Heptapod(**model.config).to(device).requires_grad_(False)  # fp32, like the weights it averages
+    ema = Heptapod(**model.config).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or n.startswith('token_head.net') else decay).append(p)
-    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
-                                   {'params': no_decay, 'weight_decay': 0.0}],
-                                  lr=args.lr, betas=(args.beta1, args.beta2), fused=device.startswith('cuda'))
+    params = [[p for n, p in model.named_parameters() if (p.dim() < 2 or n.startswith('token_head.net')) == no_decay]
+              for no_decay in (False, True)]
+    optimizer = torch.optim.AdamW([{'params': params[0], 'weight_decay': args.weight_decay},
+                                   {'params': params[1], 'weight_decay': 0.0}], lr=args.lr,
+                                  betas=(args.beta1, args.beta2), fused=device.startswith('cuda'))
     for m in model.modules() if args.grad_checkpointing else ():
         m.grad_checkpointing = True  # read by model.run_block for every block
     return model, ema, optimizer
@@ -167,14 +152,13 @@ def dry_run(model, args):
 
 
 # -----------------------------------------------------------------------------
-# The run's folder: one run's checkpoints and log, held by one process
+# The run's folder: one run's checkpoints and log, written by one process
 
 
 @contextlib.contextmanager
 def claim_out_dir(args):
-    """While the block runs, --out_dir belongs to this run: made and checked writable now (not after minutes of
-    training), locked against a second process, and holding no other run's checkpoints or log unless --resume
-    continues them or --overwrite deletes them."""
+    """While the block runs, out_dir is this run's: checked writable now (not after minutes of training), locked
+    against a second process, holding no other run's checkpoints or log unless --resume or --overwrite."""
     make_folder(args.out_dir, '--out_dir')
     try:
         with tempfile.TemporaryFile(dir=args.out_dir):
@@ -186,19 +170,18 @@ def claim_out_dir(args):
             os.remove(tmp)
         theirs = sorted(glob.glob(os.path.join(args.out_dir, 'ckpt*.pt')) + [
             p for p in (os.path.join(args.out_dir, f) for f in ('log.jsonl', 'samples.png')) if os.path.isfile(p)])
-        if theirs and not args.resume:
-            if not args.overwrite:
-                raise SystemExit(f"error: --out_dir {args.out_dir} holds another run "
-                                 f"({', '.join(map(os.path.basename, theirs[:4]))}); add --resume to continue it, "
-                                 f"--overwrite to delete it and start afresh, or choose another --out_dir")
-            for p in theirs:
-                os.remove(p)
+        if theirs and not args.resume and not args.overwrite:
+            names = ', '.join(os.path.basename(p) for p in theirs[:4])
+            raise SystemExit(f"error: --out_dir {args.out_dir} holds another run ({names}); add --resume to continue "
+                             f"it, --overwrite to delete it and start afresh, or choose another --out_dir")
+        for p in theirs if args.overwrite else ():
+            os.remove(p)
         yield
 
 
 def save_checkpoint(ckpt, out_dir, keep_last):
-    """Write out_dir/ckpt_STEP.pt whole or not at all, point out_dir/ckpt.pt at it (a hard link, replaced
-    atomically) and keep the newest keep_last. Returns the path written."""
+    """out_dir/ckpt_STEP.pt, whole or not at all; ckpt.pt a hard link to it (replaced atomically); the newest
+    keep_last kept. Returns the path."""
     path, latest = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt"), os.path.join(out_dir, 'ckpt.pt')
     advice = f"the previous checkpoints in {out_dir} are kept (free space, then --resume)"
     write_atomic(path, lambda f: torch.save(ckpt, f), advice)
@@ -213,9 +196,8 @@ def save_checkpoint(ckpt, out_dir, keep_last):
 
 
 def resume(args, model, ema, optimizer, master):
-    """Continue from the newest readable checkpoint of out_dir (ckpt.pt, or when a crash or a full disk has left it
-    unreadable, the newest intact ckpt_STEP.pt): its weights, EMA, optimizer and step, and its log up to that step.
-    Returns (step, path)."""
+    """Continue from the newest readable checkpoint of out_dir (ckpt.pt, or when a crash or a full disk left it
+    unreadable, the newest intact ckpt_STEP.pt), and its log up to its step. Returns (step, path)."""
     paths = [p for p in [os.path.join(args.out_dir, 'ckpt.pt')] + sorted(
         glob.glob(os.path.join(args.out_dir, 'ckpt_*.pt')), reverse=True) if os.path.isfile(p)]
     if not paths:
@@ -223,17 +205,16 @@ def resume(args, model, ema, optimizer, master):
                          f"writes it there)")
     for path in paths:
         try:
-            ckpt = read_torch(path, 'PyTorch checkpoint', device=model.transformer.pos_emb.weight.device)
+            ckpt = read_torch(path, 'PyTorch checkpoint', device=next(model.parameters()).device)
             break
         except SystemExit as e:  # truncated, or not a torch file
             print0(f"--resume: {path} is unreadable ({e.code}), trying an older checkpoint")
     else:
         raise SystemExit(f"error: --resume: none of the checkpoints in {args.out_dir} is readable ({', '.join(paths)})")
-    if check_checkpoint(ckpt, path)['config'] != model.config:
-        diff = sorted(k for k in model.config.keys() | ckpt['config'].keys()
-                      if model.config.get(k) != ckpt['config'].get(k))
+    old = check_checkpoint(ckpt, path)['config']
+    if old != model.config:
         raise SystemExit(f"error: --resume: {path} holds another model: " + ", ".join(
-            f"{k} {ckpt['config'].get(k)} (the flags give {model.config.get(k)})" for k in diff))
+            f"{k} {old[k]} (the flags give {model.config[k]})" for k in sorted(old) if old[k] != model.config[k]))
     if ckpt['step'] > args.max_steps:
         raise SystemExit(f"error: --resume: {path} is at step {ckpt['step']}, past the {args.max_steps} "
                          f"steps of --max_steps/--epochs; give a longer run (or another --out_dir)")
@@ -241,7 +222,7 @@ def resume(args, model, ema, optimizer, master):
     load_weights(ema, ckpt['ema'], path, "its 'ema' weights")
     optimizer.load_state_dict(ckpt['optimizer'])
     log = os.path.join(args.out_dir, 'log.jsonl')
-    if master and os.path.isfile(log):  # the steps after the checkpoint are logged again; a cut-off line goes
+    if master and os.path.isfile(log):  # the steps after the checkpoint are logged again; a line cut short goes
         with open(log) as f:
             lines = [line for line in f if logged_step(line) <= ckpt['step']]
         write_atomic(log, lambda f: f.writelines(line.encode() for line in lines))
@@ -270,22 +251,22 @@ class Bench:
 
     def __init__(self, args, step, device):
         self.args, self.start, self.device = args, step + args.bench_warmup, device
+        self.cuda = device.startswith('cuda')
 
     def done(self, step, flops_per_image, world_size):
+        if self.cuda and step in (self.start, self.start + self.args.bench_steps):
+            torch.cuda.synchronize()
         if step == self.start:
-            if self.device.startswith('cuda'):
-                torch.cuda.synchronize()
+            if self.cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
             self.t0 = time.time()
         if step < self.start + self.args.bench_steps:
             return False
-        if self.device.startswith('cuda'):
-            torch.cuda.synchronize()
         dt = (time.time() - self.t0) / self.args.bench_steps
         images = self.args.global_batch_size / world_size / dt
-        print0(f"bench: {images:.1f} images/s per {'GPU' if self.device.startswith('cuda') else 'process'}, "
-               f"{1000 * dt:.0f} ms/step, MFU {percent(mfu(flops_per_image * images, self.device, self.args.peak_tflops))}"
-               f", peak memory {peak_memory(self.device)}")
+        print0(f"bench: {images:.1f} images/s per {'GPU' if self.cuda else 'process'}, {1000 * dt:.0f} ms/step, MFU "
+               f"{percent(mfu(flops_per_image * images, self.device, self.args.peak_tflops))}, peak memory "
+               f"{peak_memory(self.device)}")
         return True
 
 
@@ -294,9 +275,8 @@ class Bench:
 
 
 def small_image_metric(args, tokens, labels, meta, tokenizer):
-    """fid.SmallImageMetric of the training data, as the tokenizer decodes it: fit on up to 10,000 of its images
-    and compared with held-out ones, fresh shapes of another seed, or every 10th of 12,000 random images of a cache
-    (a cache is sorted by class; training reads these too: 'held out' from the metric's fit only)."""
+    """fid.SmallImageMetric of the data as the tokenizer decodes it: fit on up to 10,000 of its images, compared with
+    fresh shapes of another seed or every 10th of 12,000 random images of a cache (held out of the fit only)."""
     from_cache = TOKENIZERS[meta['tokenizer']].from_cache
 
     def images(tok, rows):  # the decoded images of cache rows, not their mirrors, a batch at a time
@@ -315,8 +295,8 @@ def small_image_metric(args, tokens, labels, meta, tokenizer):
 
 
 def evaluator(args, tokens, labels, meta, tokenizer, device, master):
-    """(featurize, score) for --eval_every: Inception features scored against --fid_ref as MAR's online FID, or
-    without --fid_ref the small-image metric. What they compare with is prepared once, on rank 0."""
+    """(featurize, score) for --eval_every: Inception features against --fid_ref as MAR's online FID, or the
+    small-image metric; what they compare with is prepared once, on rank 0."""
     if args.fid_ref:
         inception = fid.load_inception(args.inception, device)
         ref = fid.load_reference(args.fid_ref, inception, device=device, resize=args.fid_resize) if master else None
@@ -328,19 +308,16 @@ def evaluator(args, tokens, labels, meta, tokenizer, device, master):
 
 @torch.no_grad()
 def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_size, autocast):
-    """Online evaluation: --eval_images images from the EMA weights (classes balanced, split over the ranks, the
-    same seeds at every evaluation), their features (featurize: a dict of arrays) gathered on rank 0 and scored
-    there, score(features, labels): Inception metrics against --fid_ref as MAR, or the small-image metric."""
+    """--eval_images EMA samples (classes balanced, split over the ranks, the same seeds every time), their features
+    gathered and scored on rank 0."""
     labels = (torch.arange(args.eval_images, device=device) % meta['num_classes'])[rank::world_size]
-    g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank)
-    feats, batch_size = [], args.eval_batch_size or args.batch_size
-    graphs = CUDAGraphs() if device.startswith('cuda') else None
+    g, feats = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank), []
+    graphs, batch_size = CUDAGraphs() if device.startswith('cuda') else None, args.eval_batch_size or args.batch_size
     for b in range(0, len(labels), batch_size):
         with autocast:
             tokens = generate(ema.eval(), labels[b:b + batch_size], args.order, g, args.temperature, graphs=graphs)
         feats.append(featurize(decode(tokenizer, tokens, meta['grid_size'])))
-    feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
-    feats['labels'] = labels.cpu().numpy()
+    feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} | {'labels': labels.cpu().numpy()}
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, feats)
@@ -348,9 +325,35 @@ def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_s
     return score(feats) if rank == 0 else None
 
 
+def tokenizer_of(args, meta, device, master):
+    """What turns samples into images (samples.png, --eval_every), or None when unneeded or its vq/vae weights are
+    gone (then --eval_every is refused and samples.png skipped)."""
+    if args.bench or not (args.eval_every or (master and args.num_samples > 0)):
+        return None
+    if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):  # vq/vae weights the cache was made with
+        if args.eval_every:
+            raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
+                             f"the tokens are gone; restore them or drop --eval_every")
+        return print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
+    return make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device, meta.get('colours'))
+
+
+def sample_grid(ema, args, meta, tokenizer, device, autocast, ckpt_path):
+    """out_dir/samples.png: --num_samples images from the EMA weights, one column per class."""
+    y, t0 = torch.arange(args.num_samples, device=device) % meta['num_classes'], time.time()
+    with autocast:
+        out = generate(ema.eval(), y, args.order, torch.Generator(device).manual_seed(args.seed), args.temperature,
+                       graphs=CUDAGraphs() if device.startswith('cuda') else None)
+    dt = time.time() - t0
+    save_grid(decode(tokenizer, out, meta['grid_size']).cpu().numpy(), os.path.join(args.out_dir, 'samples.png'),
+              ncol=min(meta['num_classes'], 10))
+    print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), wrote {args.out_dir}/samples.png "
+           f"and {args.out_dir}/ckpt.pt (= {os.path.basename(ckpt_path)})")
+
+
 def setup_distributed(device=None):
-    """(ddp, rank, world_size, device): under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) one process per GPU
-    with NCCL, or per CPU process with gloo; otherwise a single process on `device` (default: cuda if any)."""
+    """(ddp, rank, world_size, device): under torchrun one process per GPU with NCCL (per CPU process with gloo);
+    otherwise one process on `device` (default: cuda if any)."""
     if 'RANK' not in os.environ:
         return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
     dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
@@ -382,28 +385,28 @@ def main(args):
     model, ema, optimizer = build(args, meta, device)
     if args.dry_run:
         return dry_run(model, args)
-    flops_per_image = sum(model.flops_per_image(args.density).values())
-    head = '' if args.head == 'linear' else f" ({model.config['head_depth']} layers, window {args.window})"
-    print0(f"model: {args.size} ({model.config['n_layer']} layers, width {model.config['n_embd']}), head {args.head}"
-           f"{head}, order {args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
-           f"M parameters, {flops_per_image / 1e9:.1f} GFLOP per training image")
-    print0(f"batch: {args.global_batch_size} = {args.batch_size} x {world_size} processes x {accum} accumulation "
-           f"steps; {args.max_steps} steps ({args.max_steps * args.global_batch_size / len(labels):.1f} epochs), "
-           f"lr {args.lr}")
+    flops_per_image, c = sum(model.flops_per_image(args.density).values()), model.config
+    head = '' if args.head == 'linear' else f" ({c['head_depth']} layers, window {args.window})"
+    print0(f"model: {args.size} ({c['n_layer']} layers, width {c['n_embd']}), head {args.head}{head}, order "
+           f"{args.order}, density {args.density}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+           f"{flops_per_image / 1e9:.1f} GFLOP per training image")
+    print0(f"batch: {args.global_batch_size} = {args.batch_size} x {world_size} processes x {accum} accumulation steps;"
+           f" {args.max_steps} steps ({args.max_steps * args.global_batch_size / len(labels):.1f} epochs), lr "
+           f"{args.lr}")
 
     with claim_out_dir(args) if master and not args.bench else contextlib.nullcontext():
         # --- resume; what turns samples into images and scores them; compile; DDP ---
         step, ckpt_path = resume(args, model, ema, optimizer, master) if args.resume else (0, None)
         tokenizer = tokenizer_of(args, meta, device, master)
-        featurize, score = evaluator(args, tokens, labels, meta, tokenizer, device, master) if args.eval_every \
-            and not args.bench else (None, None)
+        featurize, score = evaluator(args, tokens, labels, meta, tokenizer, device, master) if args.eval_every and \
+            not args.bench else (None, None)
         raw_model = model  # checkpoints hold the unwrapped, uncompiled module
         model = torch.compile(model) if args.compile else model
         if ddp:
             model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
-        # --- the training loop: the next batch is read by a thread while a step runs ---
-        def load_batch(s):  # rows of step s, pinned for the copy to a GPU
+        # --- the training loop; a thread reads the next batch (pinned for the copy to a GPU) while a step runs ---
+        def load_batch(s):
             x, y = get_batch(tokens, labels, s, args, rank, accum)
             return (x.pin_memory(), y.pin_memory()) if device_type == 'cuda' else (x, y)
         pool = ThreadPoolExecutor(1)
@@ -421,21 +424,20 @@ def main(args):
                                      f"saving: {last} (lower --lr?)")
                 if log_due or step == args.max_steps:
                     dt = (time.time() - t0) / (step - last_log)
+                    images = args.global_batch_size / dt
                     stats = dict(step=step, loss=loss_val, lr=get_lr(step - 1, args), grad_norm=norm_val,
-                                 ms_per_step=1000 * dt, images_per_s=args.global_batch_size / dt,
-                                 mfu=mfu(flops_per_image * args.global_batch_size / dt / world_size, device,
-                                         args.peak_tflops))
+                                 ms_per_step=1000 * dt, images_per_s=images,
+                                 mfu=mfu(flops_per_image * images / world_size, device, args.peak_tflops))
                     print0(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {stats['lr']:.2e} | grad norm "
-                           f"{norm_val:.2f} | {stats['ms_per_step']:.0f} ms/step | {stats['images_per_s']:.1f} "
-                           f"images/s | MFU {percent(stats['mfu'])}")
+                           f"{norm_val:.2f} | {1000 * dt:.0f} ms/step | {stats['images_per_s']:.1f} images/s | MFU "
+                           f"{percent(stats['mfu'])}")
                     if master and not args.bench:
                         append_log(args, stats)
                     t0, last_log = time.time(), step
                 if master and not args.bench and ckpt_due:
-                    ckpt_path = save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(),
-                                                     optimizer=optimizer.state_dict(), step=step, args=vars(args),
-                                                     config=raw_model.config, data_meta=meta), args.out_dir,
-                                                args.keep_last)
+                    ckpt_path = save_checkpoint(dict(model=raw_model.state_dict(), ema=ema.state_dict(), step=step,
+                                                     optimizer=optimizer.state_dict(), args=vars(args), data_meta=meta,
+                                                     config=raw_model.config), args.out_dir, args.keep_last)
             if featurize and step > first_step and (step % args.eval_every == 0 or step == args.max_steps):
                 t_e = time.time()
                 metrics = evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_size, autocast)
@@ -449,16 +451,15 @@ def main(args):
                 break
 
             # the step: accum micro-batches, gradients averaged over all of them and all ranks
-            cached, labels_b = next_batch.result()
+            x, y = next_batch.result()
             next_batch = pool.submit(load_batch, step + 1)
             for group in optimizer.param_groups:
                 group['lr'] = get_lr(step, args)
             loss_sum = torch.zeros((), device=device)
             for a in range(accum):
-                gen = micro_generator(args.seed, step, rank * accum + a, device)
                 rows = slice(a * args.batch_size, (a + 1) * args.batch_size)
-                batch = micro_batch(cached[rows].to(device, non_blocking=True), labels_b[rows].to(
-                    device, non_blocking=True), args, step, gen, N, meta['num_classes'])
+                gen, batch = micro_batch(x[rows].to(device, non_blocking=True), y[rows].to(device, non_blocking=True),
+                                         args, step, rank * accum + a, N, meta['num_classes'])
                 if ddp:
                     model.require_backward_grad_sync = a == accum - 1  # all-reduce once, after the last micro-batch
                 with autocast:
@@ -477,34 +478,6 @@ def main(args):
         dist.destroy_process_group()
 
 
-def tokenizer_of(args, meta, device, master):
-    """What turns samples into images (samples.png, --eval_every), or None where none is needed or its vq/vae
-    weights are gone (then --eval_every is refused; samples.png is skipped, saying so)."""
-    if args.bench or not (args.eval_every or (master and args.num_samples > 0)):
-        return None
-    if meta.get('ckpt') and not os.path.isfile(meta['ckpt']):  # vq/vae weights the cache was made with
-        if args.eval_every:
-            raise SystemExit(f"error: --eval_every: the {meta['tokenizer']} weights {meta['ckpt']} that decode "
-                             f"the tokens are gone; restore them or drop --eval_every")
-        return print0(f"no samples.png: the {meta['tokenizer']} weights {meta['ckpt']} that decode the tokens are gone")
-    return make_tokenizer(meta['tokenizer'], meta.get('ckpt'), device, meta.get('colours'))
-
-
-def sample_grid(ema, args, meta, tokenizer, device, autocast, ckpt_path):
-    """out_dir/samples.png: --num_samples images from the EMA weights, one column per class."""
-    g = torch.Generator(device).manual_seed(args.seed)
-    y = torch.arange(args.num_samples, device=device) % meta['num_classes']
-    t0 = time.time()
-    with autocast:
-        out = generate(ema.eval(), y, args.order, g, temperature=args.temperature,
-                       graphs=CUDAGraphs() if device.startswith('cuda') else None)
-    dt = time.time() - t0
-    save_grid(decode(tokenizer, out, meta['grid_size']).cpu().numpy(), os.path.join(args.out_dir, 'samples.png'),
-              ncol=min(meta['num_classes'], 10))
-    print0(f"sampled {len(y)} images in {dt:.1f}s ({len(y) / dt:.2f} images/s), wrote {args.out_dir}/samples.png "
-           f"and {args.out_dir}/ckpt.pt (= {os.path.basename(ckpt_path)})")
-
-
 # -----------------------------------------------------------------------------
 # Arguments: what follows from the flags and the data, and the combinations that cannot work
 
@@ -516,18 +489,17 @@ AT_LEAST = dict(batch_size=1, global_batch_size=1, max_steps=1, epochs=1e-9, war
 
 
 def resolve_args(args, meta, world_size):
-    """Fill in the values that follow from the data and the flags (printed with --dry_run and saved in every
-    checkpoint), after checking them; returns the gradient accumulation steps."""
+    """Fill in what follows from the data and the flags (saved in every checkpoint), after checking them; returns the
+    gradient accumulation steps."""
     args.tokenizer = args.tokenizer or meta['tokenizer']  # a cache's own; the built-in data's: pixel by default
     args.window = meta['grid_size'] ** 2 if args.window is None else args.window  # the global head's: the whole grid
-    # the global batch (paper: 2048) = micro-batch x processes x accumulation steps; lr is for the global batch
-    if args.global_batch_size is None:
+    if args.global_batch_size is None:  # the paper's 2048 = micro-batch x processes x accumulation; lr is for it
         args.global_batch_size = args.batch_size * world_size
     check_args(args, meta, world_size)
     # how a 1D model is told its target: the paper's shifted positions (Fig. 4 middle), RAR's own for --order rar
     args.target_position = args.target_position or ('added' if args.order == 'rar' else 'shifted')
     steps_per_epoch = meta['num_images'] // args.global_batch_size
-    if args.epochs:  # the paper counts epochs (Sec. 5.1: 800); steps follow from the data and batch size
+    if args.epochs:  # the paper counts epochs (Sec. 5.1: 800)
         args.max_steps = round(args.epochs * steps_per_epoch)
     if args.warmup_epochs is not None:
         args.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
@@ -544,20 +516,19 @@ def check_args(args, meta, world_size):
               for k, lo in AT_LEAST.items() if getattr(args, k) is not None and getattr(args, k) < lo]
     if errors:  # the checks below assume sane values
         raise SystemExit("error: " + "; ".join(errors))
-    s, size = math.isqrt(args.window), g * DOWNSAMPLING[meta['tokenizer']]
+    s, size, one_d = math.isqrt(args.window), g * DOWNSAMPLING[meta['tokenizer']], args.head == 'linear'
     checks = [  # (what is wrong, the message)
         (not 1 <= args.density <= N, f"--density {args.density} must be in [1, {N}] (the number of grid positions)"),
-        (args.head == 'linear' and args.density != 1,
-         "--density applies to the 2D heads; --head linear scores every step already"),
+        (one_d and args.density != 1, "--density applies to the 2D heads; --head linear scores every step already"),
         (s * s != args.window or g % s, f"--window {args.window} does not tile the {g}x{g} grid (use s*s with s "
                                         f"dividing {g}, e.g. 16, 64, {N})"),
         (args.head == 'global' and args.window != N,
          f"--head global predicts the whole grid (window {N}); use --head local for --window {args.window}"),
-        (args.head == 'linear' and args.window != N, "--window applies to the 2D heads; --head linear predicts one token"),
-        (args.head != 'linear' and args.target_position, "--target_position applies to the 1D models (--head linear); "
-                                                         "the 2D ones are never told their next position"),
-        (args.order == 'rar' and args.head != 'linear', "--order rar trains a 1D model (RAR): use it with --head linear"),
-        (args.npp_levels > 1 and (args.head != 'linear' or args.order != 'raster' or bool(meta.get('token_dim'))),
+        (one_d and args.window != N, "--window applies to the 2D heads; --head linear predicts one token"),
+        (not one_d and args.target_position, "--target_position applies to the 1D models (--head linear); the 2D "
+                                             "ones are never told their next position"),
+        (args.order == 'rar' and not one_d, "--order rar trains a 1D model (RAR): use it with --head linear"),
+        (args.npp_levels > 1 and (not one_d or args.order != 'raster' or bool(meta.get('token_dim'))),
          "--npp_levels > 1 (next-patch prediction) is for the 1D raster model of discrete tokens: use --head linear "
          "--order raster with a discrete tokenizer"),
         (args.npp_levels > 1 and g % 2 ** (args.npp_levels - 1),
@@ -587,90 +558,74 @@ def check_args(args, meta, world_size):
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = parser.add_argument
     # model
-    parser.add_argument('--size', default='tiny', choices=list(SIZES), help='Table 3: B, L, H; tiny/small for CPU')
-    parser.add_argument('--depth', type=int, default=None, help="causal layers (default: the size's; Table 4)")
-    parser.add_argument('--head', default='global', choices=['global', 'local', 'linear'],
-                        help='global / local: 2D heads (Sec. 4.3); linear: one next token (1D baselines, Table 1)')
-    parser.add_argument('--window', type=int, default=None,
-                        help='positions per chunk of the local head, 16 = 4x4, 64 = 8x8 (Fig. 7); default: whole grid')
-    parser.add_argument('--head_depth', type=int, default=None, help='head layers (default: = backbone depth)')
-    parser.add_argument('--order', default='random', choices=['random', 'raster', 'rar'],
-                        help='generation order; rar: random annealed to raster (RAR, with --head linear)')
-    parser.add_argument('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
-    parser.add_argument('--init', default='mar', choices=['mar', 'gpt2'],
-                        help="weights: MAR's (xavier linears, N(0, 0.02) embeddings) or nanoGPT's (N(0, 0.02) for all, "
-                             "scaled residual projections: too small for the CPU sizes)")
-    parser.add_argument('--target_position', default=None, choices=['shifted', 'added'],
-                        help="how a 1D model (--head linear) is told its target: shifted, the paper's Fig. 4 middle "
-                             "(default), or added, RAR's target-aware embedding (default with --order rar)")
+    add('--size', default='tiny', choices=list(SIZES), help='Table 3: B, L, H; tiny and small for CPUs')
+    add('--depth', type=int, default=None, help="causal layers (default: the size's; Table 4)")
+    add('--head', default='global', choices=['global', 'local', 'linear'],
+        help='global / local: 2D heads (Sec. 4.3); linear: one next token (the 1D baselines, Table 1)')
+    add('--window', type=int, default=None, help='positions per chunk of the local head: 16 = 4x4, 64 = 8x8 (Fig. 7)')
+    add('--head_depth', type=int, default=None, help='head layers (default: the backbone depth)')
+    add('--order', default='random', choices=['random', 'raster', 'rar'],
+        help='generation order; rar: random annealed to raster (RAR, with --head linear)')
+    add('--density', type=int, default=1, help='supervision density n: prefixes per sequence')
+    add('--init', default='mar', choices=['mar', 'gpt2'], help="MAR's (xavier linears) or nanoGPT's (small on CPUs)")
+    add('--target_position', default=None, choices=['shifted', 'added'],
+        help="how a 1D model is told its target: shifted, Fig. 4 middle (default), or added, RAR's (with --order rar)")
     # the seed baselines: RAR (--order rar) and next-patch prediction (--npp_levels)
-    parser.add_argument('--anneal_start', type=float, default=0.5, help='RAR: fraction of training where r leaves 1')
-    parser.add_argument('--anneal_end', type=float, default=0.75, help='RAR: fraction of training where r reaches 0')
-    parser.add_argument('--npp_levels', type=int, default=1,
-                        help='NPP: patch levels #L (2: 2x2 then 1x1); 1 = off, plain next-token prediction')
-    parser.add_argument('--npp_lambda', type=float, default=0.5, help='NPP: segment scheduling factor lambda')
+    add('--anneal_start', type=float, default=0.5, help='RAR: fraction of training where r leaves 1')
+    add('--anneal_end', type=float, default=0.75, help='RAR: fraction of training where r reaches 0')
+    add('--npp_levels', type=int, default=1, help='NPP: patch levels #L (2: 2x2 then 1x1); 1: next-token prediction')
+    add('--npp_lambda', type=float, default=0.5, help='NPP: segment scheduling factor lambda')
     # data
-    parser.add_argument('--data', default='shapes',
-                        help="built-in: 'shapes', or 'pairs' (harder: two shapes of the class that must agree); a "
-                             "cache dir from tokenizers.py; or 'random': random tokens of the paper's shapes (ImageNet "
-                             "16x16 tokens, 1000 classes) for --bench and --dry_run")
-    parser.add_argument('--tokenizer', default=None, choices=list(TOKENIZERS),
-                        help="how the built-in data is tokenized (default: pixel); a cache's tokens are its own")
-    parser.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
-                        help='train on each image or its mirror at random (MAR); --no-flip for data whose mirror '
-                             'is another class or none (digits, text, maps)')
+    add('--data', default='shapes', help="built-in 'shapes' or 'pairs' (harder: two shapes that must agree), a cache "
+                                         "dir (tokenizers.py), or 'random': ImageNet's shapes, for --bench, --dry_run")
+    add('--tokenizer', default=None, choices=list(TOKENIZERS), help="for the built-in data (default: pixel)")
+    add('--flip', action=argparse.BooleanOptionalAction, default=True,
+        help="train on each image or its mirror (MAR); --no-flip where the mirror is another class (digits, text)")
     # optimization
-    parser.add_argument('--batch_size', type=int, default=16, help='images per process and micro-step')
-    parser.add_argument('--global_batch_size', type=int, default=None,
-                        help='images per optimizer step (Sec. 5.1: 2048); default: batch_size x processes')
-    parser.add_argument('--max_steps', type=int, default=1300, help='optimizer steps (the CPU quick start)')
-    parser.add_argument('--epochs', type=float, default=None, help='run length in epochs, sets --max_steps (paper: 800)')
-    parser.add_argument('--warmup_epochs', type=float, default=None, help='sets --warmup_steps (MAR: 100)')
-    parser.add_argument('--lr', type=float, default=8e-4, help='for the global batch (Sec. 5.1: 8e-4 at 2048)')
-    parser.add_argument('--lr_schedule', default='cosine', choices=['constant', 'cosine'],
-                        help='after warmup (not in the paper; MAR: constant)')
-    parser.add_argument('--warmup_steps', type=int, default=50, help='linear warmup of the learning rate')
-    parser.add_argument('--weight_decay', type=float, default=0.02, help='MAR: 0.02')
-    parser.add_argument('--beta1', type=float, default=0.9, help='Sec. 5.1: AdamW (0.9, 0.95)')
-    parser.add_argument('--beta2', type=float, default=0.95, help='Sec. 5.1')
-    parser.add_argument('--grad_clip', type=float, default=3.0, help='MAR: 3.0')
-    parser.add_argument('--ema', type=float, default=0.9999, help='EMA decay (MAR: 0.9999)')
-    parser.add_argument('--class_dropout', type=float, default=0.0,
-                        help="probability of the 'no class' label, for CFG at sampling (the paper uses none)")
-    # sampling at the end of training
-    parser.add_argument('--num_samples', type=int, default=40, help='images in out_dir/samples.png (0: none)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='of the tokens sampled (the paper: 1)')
-    # online evaluation: FID/IS of EMA samples every --eval_every steps and at the end (MAR's), or without
-    # --fid_ref the small-image metric (fid.SmallImageMetric: Frechet distance of pixels in a PCA space, class accuracy)
-    parser.add_argument('--eval_every', type=int, default=0, help='steps between evaluations (0: none)')
-    parser.add_argument('--fid_ref', default=None,
-                        help="reference batch .npz (fid.py's layout) or image set; none: the small-image metric")
-    parser.add_argument('--eval_images', type=int, default=5000, help='samples per evaluation (the paper: 50000)')
-    parser.add_argument('--eval_batch_size', type=int, default=None,
-                        help='images per sampling batch (default: --batch_size)')
-    parser.add_argument('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
-    parser.add_argument('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
+    add('--batch_size', type=int, default=16, help='images per process and micro-step')
+    add('--global_batch_size', type=int, default=None, help='images per step (Sec. 5.1: 2048); default: all processes')
+    add('--max_steps', type=int, default=1300, help='optimizer steps (the CPU quick start)')
+    add('--epochs', type=float, default=None, help='run length in epochs, sets --max_steps (the paper: 800)')
+    add('--warmup_epochs', type=float, default=None, help='sets --warmup_steps (MAR: 100)')
+    add('--lr', type=float, default=8e-4, help='for the global batch (Sec. 5.1: 8e-4 at 2048)')
+    add('--lr_schedule', default='cosine', choices=['constant', 'cosine'], help='after warmup (MAR: constant)')
+    add('--warmup_steps', type=int, default=50, help='linear warmup of the learning rate')
+    add('--weight_decay', type=float, default=0.02, help='MAR: 0.02')
+    add('--beta1', type=float, default=0.9, help='Sec. 5.1: AdamW (0.9, 0.95)')
+    add('--beta2', type=float, default=0.95, help='Sec. 5.1')
+    add('--grad_clip', type=float, default=3.0, help='MAR: 3.0')
+    add('--ema', type=float, default=0.9999, help='EMA decay (MAR: 0.9999)')
+    add('--class_dropout', type=float, default=0.0, help="'no class' label probability, for CFG (the paper: none)")
+    # sampling at the end of training, and online evaluation every --eval_every steps and at the end: FID/IS against
+    # --fid_ref (MAR's), or the small-image metric (fid.SmallImageMetric)
+    add('--num_samples', type=int, default=40, help='images in out_dir/samples.png (0: none)')
+    add('--temperature', type=float, default=1.0, help='of the tokens sampled (the paper: 1)')
+    add('--eval_every', type=int, default=0, help='steps between evaluations (0: none)')
+    add('--fid_ref', default=None, help="reference batch .npz or image set; none: the small-image metric")
+    add('--eval_images', type=int, default=5000, help='samples per evaluation (the paper: 50000)')
+    add('--eval_batch_size', type=int, default=None, help='images per sampling batch (default: --batch_size)')
+    add('--inception', default=fid.DEFAULT_WEIGHTS, help=f'FID Inception weights ({fid.WEIGHTS_FILE})')
+    add('--fid_resize', default='tf1', choices=['tf1', 'pytorch'], help="see fid.py's --resize")
     # system
-    parser.add_argument('--out_dir', default='out', help='checkpoints, log.jsonl and samples.png of one run go here')
-    parser.add_argument('--resume', action='store_true', help='continue the run in out_dir (from out_dir/ckpt.pt)')
-    parser.add_argument('--overwrite', action='store_true', help='delete the run in out_dir first, then train afresh')
-    parser.add_argument('--log_interval', type=int, default=100, help='steps between log lines')
-    parser.add_argument('--ckpt_interval', type=int, default=500, help='steps between checkpoints (and at the end)')
-    parser.add_argument('--keep_last', type=int, default=2, help='checkpoints kept (ckpt.pt is the newest)')
-    parser.add_argument('--seed', type=int, default=0, help='of the weights, the data order and every draw')
-    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                        help='bf16 autocast (default: on for CUDA, off for CPU)')
-    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile')
-    parser.add_argument('--grad_checkpointing', action=argparse.BooleanOptionalAction, default=False,
-                        help='recompute block activations in backward: less memory, about 1/3 more compute')
-    parser.add_argument('--dry_run', action='store_true', help='print the configuration, sizes and FLOPs, then exit')
-    parser.add_argument('--bench', action='store_true', help='time --bench_steps steps after --bench_warmup, then exit')
-    parser.add_argument('--bench_warmup', type=int, default=5, help='untimed steps before --bench times')
-    parser.add_argument('--bench_steps', type=int, default=20, help='steps --bench times')
-    parser.add_argument('--peak_tflops', type=float, default=None,
-                        help=f'peak bf16 TFLOP/s per device for MFU, when not one of {list(PEAK_TFLOPS)}')
+    add('--out_dir', default='out', help='the checkpoints, log.jsonl and samples.png of one run')
+    add('--resume', action='store_true', help='continue the run in out_dir (from out_dir/ckpt.pt)')
+    add('--overwrite', action='store_true', help='delete the run in out_dir, then train afresh')
+    add('--log_interval', type=int, default=100, help='steps between log lines')
+    add('--ckpt_interval', type=int, default=500, help='steps between checkpoints (and at the end)')
+    add('--keep_last', type=int, default=2, help='checkpoints kept (ckpt.pt is the newest)')
+    add('--seed', type=int, default=0, help='of the weights, the data order and every draw')
+    add('--device', default=None, help='default: cuda if available, else cpu')
+    add('--amp', action=argparse.BooleanOptionalAction, default=None, help='bf16 autocast (default: on for CUDA)')
+    add('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile')
+    add('--grad_checkpointing', action=argparse.BooleanOptionalAction, default=False,
+        help='recompute block activations in backward: less memory, about 1/3 more compute')
+    add('--dry_run', action='store_true', help='print the configuration, sizes and FLOPs, then exit')
+    add('--bench', action='store_true', help='time --bench_steps steps after --bench_warmup, then exit')
+    add('--bench_warmup', type=int, default=5, help='untimed steps before --bench times')
+    add('--bench_steps', type=int, default=20, help='steps --bench times')
+    add('--peak_tflops', type=float, default=None, help=f'peak bf16 TFLOP/s for MFU, if not one of {list(PEAK_TFLOPS)}')
     return parser
 
 
