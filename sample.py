@@ -180,12 +180,12 @@ class CUDAGraphs:
         self.graphs = {}
 
     def __call__(self, name, fn, *args):
-        key = (name,) + tuple(None if a is None else (a.shape, a.dtype) for a in args)
+        amp = torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')  # part of what the graph runs
+        key = (name, amp) + tuple(None if a is None else (a.shape, a.dtype) for a in args)
         if key not in self.graphs:
             static = [None if a is None else a.clone() for a in args]
             # autocast's cache of cast weights would outlive the graph: cast inside it instead
-            with torch.autocast('cuda', torch.get_autocast_dtype('cuda'), torch.is_autocast_enabled('cuda'),
-                                cache_enabled=False):
+            with torch.autocast('cuda', amp[1], amp[0], cache_enabled=False):
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
@@ -362,13 +362,12 @@ def main(args):
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
-    def sample_batch(k, labels, graphs=graphs):  # batch k, with its own seed: the same images on any number of GPUs
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)
+    def sample_batch(k, labels, graphs=graphs, num_steps=args.num_steps):  # batch k, with its own seed: the same
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)  # images on any number of GPUs
         p = prefix and (prefix[0].expand(len(labels), *prefix[0].shape[1:]), prefix[1].expand(len(labels), -1))
         with autocast:
-            tokens = generate(model, labels.to(device), order, g, args.temperature, args.top_k, args.cfg,
-                              args.num_steps, args.position_order, p, diffusion_steps=args.diffusion_steps,
-                              graphs=graphs)
+            tokens = generate(model, labels.to(device), order, g, args.temperature, args.top_k, args.cfg, num_steps,
+                              args.position_order, p, diffusion_steps=args.diffusion_steps, graphs=graphs)
         return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
 
     if args.bench:
@@ -444,11 +443,11 @@ def bench(args, sample_batch, model, num_classes, device, graphs):
     dt, flops = time.time() - t0, sampling_flops(model, steps, args.diffusion_steps, args.cfg)
     print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; {flops / 1e9:.1f} "
           f"GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
-    counts = []
-    for g in (None, graphs) if graphs is not None else (None,):  # the operators per step do not depend on the batch
-        with CountOps() as ops:
-            sample_batch(0, labels[:2], graphs=g)
-        counts.append(f"{ops.count / steps:.0f} {'with CUDA graphs' if g else 'eager'}")
+    counts, few = [], 8 if model.config['head'] == 'global' and not args.prefix_image else None
+    for g in (None, graphs) if graphs is not None else (None,):  # per step: the same for any batch and, with the
+        with CountOps() as ops:  # global head, any number of steps (8 are counted then)
+            sample_batch(0, labels[:2], graphs=g, num_steps=few)
+        counts.append(f"{ops.count / (few or steps):.0f} {'with CUDA graphs' if g else 'eager'}")
     timed, t0 = Timed(graphs, device), time.time()
     sample_batch(0, labels, graphs=timed)
     parts = dict(timed.seconds, other=time.time() - t0 - sum(timed.seconds.values()))

@@ -37,10 +37,23 @@ G = 8  # model-level tests use an 8x8 grid: every property holds, at a quarter o
 N = G * G
 TINY = dict(vocab_size=512, num_classes=10, grid_size=G, n_layer=2, n_embd=32, n_head=2)
 
+cli = pytest.mark.cli  # runs a script's main: python -m pytest -q -m "not cli" runs the method's properties alone
+
+
+# -----------------------------------------------------------------------------
+# the causal Transformer (model.py): Sec. 4.2, the 1D baselines' targets, the KV cache, the orders
 
 def tiny_model(head='global', **kw):
     torch.manual_seed(0)
     return Heptapod(**dict(TINY, head=head, head_depth=2, **kw)).eval()
+
+
+def fixed_batch(B=8, seed=0):
+    images, labels = tokenizers.make_shapes(B, size=G, seed=seed)
+    return tokenizers.PixelTokenizer().encode(images).flatten(1), labels
+
+
+TARGETS = [None, 'shifted', 'added']  # the 2D model, the paper's 1D baseline (Fig. 4 middle), RAR's
 
 
 @pytest.mark.parametrize('init', ['mar', 'gpt2'])
@@ -59,25 +72,6 @@ def test_initialisation_follows_mar_or_nanogpt(init):
             want = (math.sqrt(2 / sum(p.shape)) if init == 'mar' and name in linears else
                     0.02 / math.sqrt(2 * 2) if init == 'gpt2' and name.endswith('proj.weight') else 0.02)
             assert abs(p.std().item() / want - 1) < 0.1, (name, p.std().item(), want)
-
-
-def fixed_batch(B=8, seed=0):
-    images, labels = tokenizers.make_shapes(B, size=G, seed=seed)
-    return tokenizers.PixelTokenizer().encode(images).flatten(1), labels
-
-
-def run_train(tmp_path, *flags):
-    args = train.get_parser().parse_args(['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--batch_size', '4',
-                                          '--log_interval', '1', '--num_samples', '0', '--out_dir', str(tmp_path),
-                                          *flags])
-    train.main(args)
-    return torch.load(os.path.join(tmp_path, 'ckpt.pt'), weights_only=True)
-
-
-# -----------------------------------------------------------------------------
-# the causal Transformer
-
-TARGETS = [None, 'shifted', 'added']  # the 2D model, the paper's 1D baseline (Fig. 4 middle), RAR's
 
 
 @pytest.mark.parametrize('target_position', TARGETS)
@@ -145,8 +139,29 @@ def test_kv_cache_decode_matches_full_forward(target_position):
     torch.testing.assert_close(torch.cat(steps, 1), h_full, atol=1e-5, rtol=1e-5)
 
 
+def test_the_kv_cache_stores_keys_in_the_dtype_they_come_in():
+    # a CUDA run samples the final grid outside autocast (fp32 keys) and evaluates inside it (bf16 keys)
+    model = tiny_model()
+    t = model.transformer
+    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        t.setup_cache(2, N)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            t.prefill(torch.tensor([0, 1]))
+            t.decode(torch.tensor([[3], [4]]), torch.tensor([[5], [6]]), torch.tensor([1]))
+        assert t.blocks[0].attn.cache.k.dtype == dtype
+        t.clear_cache()
+
+
+def test_raster_order_is_row_major_and_random_orders_are_permutations():
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(make_orders(3, N, 'raster', g), torch.arange(N).expand(3, N))
+    orders = make_orders(5, N, 'random', g)
+    assert torch.equal(orders.sort(1).values, torch.arange(N).expand(5, N))
+    assert not torch.equal(orders[0], orders[1])
+
+
 # -----------------------------------------------------------------------------
-# the global 2D head
+# the heads and the loss (heads.py): Sec. 4.3, Fig. 5, density, the token heads
 
 def head_outputs(model, idx, labels, orders, prefix_lens):
     seq = take(idx, orders)
@@ -246,17 +261,6 @@ def test_prefix_lengths_are_distinct_and_inside_the_grid():
     assert all(len(set(row.tolist())) == 8 for row in p)
 
 
-def test_raster_order_is_row_major_and_random_orders_are_permutations():
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(make_orders(3, N, 'raster', g), torch.arange(N).expand(3, N))
-    orders = make_orders(5, N, 'random', g)
-    assert torch.equal(orders.sort(1).values, torch.arange(N).expand(5, N))
-    assert not torch.equal(orders[0], orders[1])
-
-
-# -----------------------------------------------------------------------------
-# training
-
 @pytest.mark.parametrize('head,order,tokens', [('global', 'random', 'discrete'), ('global', 'raster', 'discrete'),
                                                ('local', 'random', 'discrete'), ('linear', 'raster', 'discrete'),
                                                ('linear', 'random', 'discrete'), ('global', 'random', 'continuous'),
@@ -279,435 +283,6 @@ def test_every_order_and_head_trains_with_falling_loss_on_a_fixed_batch(head, or
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
-
-def test_resume_continues_the_same_run(tmp_path, monkeypatch):
-    flags = ['--max_steps', '6', '--ckpt_interval', '3']
-    straight = run_train(tmp_path / 'a', *flags)
-    real_get_batch = train.get_batch
-
-    def crash_after_step_3(tokens, labels, step, *a):
-        if step == 4:
-            raise KeyboardInterrupt  # killed after the checkpoint of step 3
-        return real_get_batch(tokens, labels, step, *a)
-    monkeypatch.setattr(train, 'get_batch', crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path / 'b', *flags)
-    monkeypatch.setattr(train, 'get_batch', real_get_batch)
-    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
-    with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:
-        f.write('{"step": 5, "lo')  # a line cut short by the kill
-    resumed = run_train(tmp_path / 'b', *flags, '--resume')
-    assert resumed['step'] == straight['step'] == 6
-    for key in ('model', 'ema'):
-        for name, p in straight[key].items():
-            torch.testing.assert_close(resumed[key][name], p, atol=0, rtol=0, msg=f"{key}.{name}")
-    # step 4 was logged before the kill and again after the resume: the log keeps it once, and no cut line
-    assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3, 4, 5, 6]
-
-
-def test_resume_falls_back_to_the_newest_intact_checkpoint_when_ckpt_pt_is_truncated(tmp_path, capsys):
-    flags = ['--ckpt_interval', '1', '--keep_last', '2']
-    straight = run_train(tmp_path / 'a', '--max_steps', '4', *flags)
-    run_train(tmp_path / 'b', '--max_steps', '3', *flags)  # ckpt_0000002.pt, ckpt_0000003.pt = ckpt.pt
-    with open(tmp_path / 'b' / 'ckpt.pt', 'r+b') as f:
-        f.truncate(1000)  # a hard link: ckpt_0000003.pt is cut short too
-    resumed = run_train(tmp_path / 'b', '--max_steps', '4', *flags, '--resume')
-    assert 'ckpt.pt is unreadable' in capsys.readouterr().out
-    assert resumed['step'] == 4
-    for name, p in straight['model'].items():  # from step 2, the same steps 3 and 4 as the uninterrupted run
-        torch.testing.assert_close(resumed['model'][name], p, atol=0, rtol=0, msg=name)
-
-
-def test_data_shards_of_ranks_are_disjoint_and_cover_the_epoch():
-    tokens, labels, _ = tokenizers.load_dataset('shapes', num_images=40)
-    args = train.get_parser().parse_args(['--batch_size', '5', '--global_batch_size', '10'])
-    seen = []
-    for rank in range(2):
-        for step in range(4):  # 40 images / 10 per global batch = 4 steps per epoch
-            idx, y = train.get_batch(tokens, labels, step, args, rank, 1)
-            assert idx.shape == (5, 2, 256)  # each image and its mirror
-            seen += [tuple(row[0].tolist()) for row in idx]
-    assert len(set(seen)) == len({tuple(t[0].flatten().tolist()) for t in torch.from_numpy(tokens.astype(np.int64))})
-
-
-def test_nan_loss_from_scratch_says_that_no_checkpoint_was_written(tmp_path, monkeypatch):
-    real_forward = Heptapod.forward
-    monkeypatch.setattr(Heptapod, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
-    with pytest.raises(SystemExit, match='no checkpoint was written yet'):
-        run_train(tmp_path, '--max_steps', '2')
-    assert not list(tmp_path.glob('*.pt'))
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    run_train(tmp_path, '--max_steps', '2')
-    before = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    real_forward = Heptapod.forward
-    monkeypatch.setattr(Heptapod, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
-    with pytest.raises(SystemExit, match='loss nan'):
-        run_train(tmp_path, '--max_steps', '4', '--resume')
-    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert after['step'] == before['step'] == 2
-
-
-# -----------------------------------------------------------------------------
-# sampling
-
-@pytest.mark.parametrize('head,order', [('global', 'random'), ('local', 'random'), ('linear', 'raster'),
-                                        ('linear', 'random')])
-def test_kv_cache_sampling_equals_recomputing_from_scratch(head, order):
-    model = tiny_model(head, window=16 if head == 'local' else None)
-    labels = torch.tensor([0, 5, 9])
-    cached = generate(model, labels, order, torch.Generator().manual_seed(0))
-    recomputed = generate(model, labels, order, torch.Generator().manual_seed(0), use_cache=False)
-    assert cached.shape == (3, N) and cached.min() >= 0 and cached.max() < 512
-    assert torch.equal(cached, recomputed)
-
-
-def test_the_local_head_projects_each_prefix_state_once_while_sampling():
-    model = tiny_model('local', window=16)
-    rows = []
-    for cross in model.head.cross:
-        cross.kv.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2]))
-    generate(model, torch.tensor([0, 5]), 'random', torch.Generator().manual_seed(0))
-    per_layer = sum(b * t for b, t in rows) // len(model.head.cross)
-    assert per_layer == 2 * N  # h_0..h_{N-1} of 2 images, each once; recomputing costs N per step
-
-
-def test_top_k_one_samples_the_most_likely_token():
-    head = tiny_model().token_head
-    z = torch.randn(10, 32)
-    tok = head.sample(z, torch.Generator().manual_seed(0), top_k=1)
-    assert torch.equal(tok, head.linear(z).argmax(-1))
-
-
-def test_sample_cli_writes_npz_in_the_adm_layout(tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    out = tmp_path / 'samples.npz'
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '3',
-                                                '--batch_size', '2', '--out', str(out)]))
-    data = np.load(out)
-    assert data['arr_0'].dtype == np.uint8 and data['arr_0'].shape == (3, 16, 16, 3)  # NHWC
-    assert data['arr_1'].tolist() == [0, 1, 2]
-    assert (tmp_path / 'samples.png').is_file()
-
-
-def sample_cli(*argv):
-    sample.main(sample.get_parser().parse_args([str(a) for a in argv]))
-
-
-def test_an_out_of_another_checkpoint_or_other_flags_is_refused_unchanged_until_overwrite(tmp_path):
-    run_train(tmp_path / 'a', '--max_steps', '1')
-    run_train(tmp_path / 'b', '--max_steps', '1', '--seed', '1')  # another model
-    argv = ['--num_images', '4', '--batch_size', '2', '--num_steps', '16', '--out', tmp_path / 's.npz']
-    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv)
-    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt_0000001.pt', *argv)  # the same file under another name continues
-    before, first = snapshot(tmp_path), np.load(tmp_path / 's.npz')['arr_0']
-    for other in (['--ckpt', tmp_path / 'b' / 'ckpt.pt'], ['--temperature', 0.5], ['--num_steps', 8], ['--top_k', 5],
-                  ['--seed', 1], ['--no-ema'], ['--batch_size', 1], ['--labels', 'random'], ['--class_label', 3],
-                  ['--position_order', 'raster']):
-        with pytest.raises(SystemExit, match=r'^error: .*other settings .*--overwrite') as e:
-            sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv, *other)
-        assert '\n' not in str(e.value)
-    assert snapshot(tmp_path) == before  # nothing written, nothing deleted
-    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv, '--overwrite')
-    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv[:-1], tmp_path / 'fresh.npz')
-    overwritten, fresh = np.load(tmp_path / 's.npz')['arr_0'], np.load(tmp_path / 'fresh.npz')['arr_0']
-    assert np.array_equal(overwritten, fresh) and not np.array_equal(overwritten, first)
-
-
-@pytest.mark.parametrize('labels', ['balanced', 'random'])
-def test_more_images_into_the_same_out_continue_the_run_with_the_images_of_a_fresh_one(labels, tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    argv = ['--ckpt', tmp_path / 'ckpt.pt', '--batch_size', 2, '--num_steps', 16, '--labels', labels]
-    sample_cli(*argv, '--num_images', 3, '--out', tmp_path / 's.npz')  # batch 1 holds one image
-    kept = (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns
-    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 's.npz')
-    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 'fresh.npz')
-    assert (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns == kept  # continued, not redone
-    grown, fresh = np.load(tmp_path / 's.npz'), np.load(tmp_path / 'fresh.npz')
-    assert len(grown['arr_0']) == 5 and np.array_equal(grown['arr_0'], fresh['arr_0'])
-    assert np.array_equal(grown['arr_1'], fresh['arr_1'])
-
-
-def test_load_weights_names_the_file_and_the_first_unfit_or_non_finite_entries():
-    good, key = tiny_model().state_dict(), 'transformer.cls_emb.weight'
-    for state, message in [({k: v for k, v in good.items() if k != key}, rf"1 missing \({key}\)"),
-                           (dict(good, extra=torch.zeros(1)), r"1 unexpected \(extra\)"),
-                           (dict(good, **{key: torch.zeros(3, 3)}),
-                            rf"1 wrongly shaped \({key}: \(3, 3\) in the file, \(11, 32\) in the model\)"),
-                           (dict(good, **{key: good[key] / 0}), rf"NaN or inf in 1 of their tensors \({key}\)")]:
-        with pytest.raises(SystemExit, match=rf"^error: x.pt: its 'ema' weights .*{message}") as e:
-            load_weights(tiny_model(), state, 'x.pt', "its 'ema' weights")
-        assert '\n' not in str(e.value)
-    model = load_weights(tiny_model(), {k: v + 1 for k, v in good.items()}, 'x.pt', "its 'ema' weights")
-    assert torch.equal(model.state_dict()[key], good[key] + 1)
-
-
-# -----------------------------------------------------------------------------
-# tokenizers and data
-
-def test_pixel_tokenizer_round_trip_keeps_the_top_three_bits():
-    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
-    tok = tokenizers.PixelTokenizer()
-    tokens = tok.encode(images)
-    assert tokens.shape == (4, 16, 16) and tokens.min() >= 0 and tokens.max() < 512
-    decoded = tok.decode(tokens)
-    assert torch.equal(decoded >> 5, images >> 5)
-    assert torch.equal(tok.encode(decoded), tokens)
-
-
-def test_the_cube_is_the_nearest_colour_of_its_palette_with_ties_to_the_later_colour():
-    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
-    images[0, 0, :8] = torch.tensor([0, 31, 32, 33, 63, 64, 224, 255], dtype=torch.uint8)[:, None]  # bin edges
-    cube = tokenizers.PixelTokenizer()
-    assert torch.equal(tokenizers.PixelTokenizer(cube.palette.numpy()).encode(images), cube.encode(images))
-
-
-def test_a_palette_of_few_colours_is_exact_and_of_many_the_k_means_centres():
-    rng = np.random.default_rng(0)
-    few = rng.integers(0, 256, (17, 3), dtype=np.uint8)[rng.integers(0, 17, 5000)]  # 17 colours
-    assert np.array_equal(tokenizers.fit_palette(few, 512), np.unique(few, axis=0))
-    centres = rng.integers(20, 236, (8, 3))
-    noisy = np.clip(centres[rng.integers(0, 8, 20000)] + rng.integers(-6, 7, (20000, 3)), 0, 255).astype(np.uint8)
-    palette = tokenizers.fit_palette(noisy, 8).astype(int)  # 8 clusters of ~2000 colours each
-    assert len(palette) == 8 and np.abs(palette[:, None] - centres[None]).max(-1).min(0).max() <= 2
-
-
-def grey_levels_folder(root, levels=17, per_class=3, size=8):
-    """An image folder of grey images with `levels` grey levels (as digits or scans): few colours."""
-    rng = np.random.default_rng(0)
-    for c in ('a', 'b'):
-        os.makedirs(root / c)
-        for i in range(per_class):
-            grey = (rng.integers(0, levels, (size, size)) * (255 // (levels - 1))).astype(np.uint8)
-            Image.fromarray(grey).save(root / c / f'{i}.png')
-
-
-def test_a_folder_of_few_colours_round_trips_exactly_and_its_samples_are_drawn_in_its_palette(tmp_path):
-    grey_levels_folder(tmp_path / 'images')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--image_size', '8'))
-    tokens, _, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert meta['palette'] == 'fit' and meta['vocab_size'] == len(meta['colours']) == 17
-    tok = tokenizers.make_tokenizer('pixel', colours=meta['colours'])
-    paths, _, _ = tokenizers.list_image_folder(str(tmp_path / 'images'))
-    crops = np.stack([tokenizers.ImageFiles(paths, [0] * 6, 8)[i][0] for i in range(6)])  # (6, 8, 8, 3)
-    assert np.array_equal(tok.decode(torch.from_numpy(tokens[np.arange(6)][:, 0].astype(np.int64))).numpy(), crops)
-    run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--max_steps', '1', '--batch_size', '2')
-    sample_cli('--ckpt', tmp_path / 'run' / 'ckpt.pt', '--num_images', 2, '--out', tmp_path / 's.npz')
-    colours = {tuple(c) for c in np.load(tmp_path / 's.npz')['arr_0'].reshape(-1, 3)}
-    assert colours <= {tuple(c) for c in meta['colours']}  # decoded with the checkpoint's palette
-
-
-def test_shapes_dataset_is_deterministic_and_class_structured():
-    a, la = tokenizers.make_shapes(100, seed=0)
-    b, lb = tokenizers.make_shapes(100, seed=0)
-    assert torch.equal(a, b) and torch.equal(la, lb)
-    assert sorted(set(la.tolist())) == list(range(10))
-    # the shape of a class is visible: mean foreground masks of two classes differ
-    fg = (a.int().sum(-1) > a.int().sum(-1).flatten(1).min(1).values[:, None, None])
-    assert (fg[la == 7].float().mean(0) - fg[la == 8].float().mean(0)).abs().max() > 0.5
-
-
-@pytest.mark.parametrize('size', [16, 32])  # the pixel and the pixel_patch data
-def test_every_shapes_image_is_its_own_mirror(size):
-    # training sees each image or its mirror (as MAR): a class whose mirror differed would be two modes
-    images, _ = tokenizers.make_shapes(50, size=size, seed=0)
-    assert torch.equal(images, images.flip(2))
-
-
-def test_every_pairs_image_draws_its_class_in_both_halves_in_one_colour():
-    images, labels = tokenizers.make_shapes(200, seed=0, pairs=True)
-    for image, label in zip(images, labels):
-        lit = (image > 0).any(-1)  # (16, 16) the shape's pixels
-        assert lit[:, :8].any() and lit[:, 8:].any() and len(torch.unique(image[lit], dim=0)) == 1
-        if tokenizers.SHAPE_CLASSES[label] not in ('h_stripes', 'v_stripes'):  # the stripes fill the image
-            assert not lit[:, 7:9].all(0).any()  # two shapes, no column lit from top to bottom between them
-    again, _ = tokenizers.make_shapes(200, seed=0, pairs=True)
-    assert torch.equal(images, again)  # deterministic in the seed
-
-
-def make_image_folder(root, per_class=3):
-    for c in ('cats', 'dogs'):
-        os.makedirs(root / c)
-        for i in range(per_class):
-            arr = np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / c / f'{i}.png')
-
-
-def test_image_folder_caches_trains_and_samples(tmp_path):
-    make_image_folder(tmp_path / 'images')
-    (tmp_path / 'images' / 'dogs' / 'notes.txt').write_text('not an image')
-    (tmp_path / 'images' / 'dogs' / 'broken.png').write_bytes(b'not a png')
-    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache')
-    tokenizers.cache(args)
-    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert tokens[np.arange(6)].shape == (6, 2, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # 2 bad skipped
-    assert meta['classes'] == ['cats', 'dogs'] and meta['vocab_size'] == 512
-    ckpt = run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--max_steps', '2', '--batch_size', '2')
-    assert ckpt['data_meta']['num_classes'] == 2 and ckpt['step'] == 2
-
-
-def argparse_cache(data, out, *flags):
-    return tokenizers.get_parser().parse_args(['cache', '--data', str(data), '--out', str(out), '--workers', '0',
-                                               *flags])
-
-
-def test_center_crop_gives_the_target_size_from_any_aspect():
-    for size in [(300, 200), (17, 90), (16, 16)]:
-        arr = tokenizers.center_crop_arr(Image.new('RGB', size), 16)
-        assert arr.shape == (16, 16, 3)
-
-
-def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
-    Image.fromarray(np.full((4, 4), 0x8080, np.uint16)).save(tmp_path / 'grey16.png')  # 32896 / 257 = 128
-    Image.fromarray(np.full((4, 4), 128 / 255, np.float32)).save(tmp_path / 'float.tif')
-    for name, mode in (('grey16.png', 'I;16'), ('float.tif', 'F')):
-        with Image.open(tmp_path / name) as im:
-            assert im.mode == mode and np.asarray(tokenizers.to_rgb(im)).tolist() == [[[128] * 3] * 4] * 4
-    Image.fromarray(np.full((4, 4), 200.0, np.float32)).save(tmp_path / 'float255.tif')  # not in [0, 1]
-    with Image.open(tmp_path / 'float255.tif') as im, pytest.raises(ValueError, match=re.escape('only [0, 1]')):
-        tokenizers.to_rgb(im)
-
-
-def test_tokenizers_help_shows_its_examples_with_their_line_continuations():
-    assert 'kl16.ckpt --data IMAGENET/train \\\n        --image_size 256' in tokenizers.get_parser().format_help()
-
-
-# -----------------------------------------------------------------------------
-# bad input: one clear line
-
-def test_missing_data_directory_fails_clearly(tmp_path):
-    with pytest.raises(SystemExit, match='no such directory'):
-        run_train(tmp_path, '--data', str(tmp_path / 'nope'))
-
-
-def test_density_larger_than_the_grid_fails_clearly(tmp_path):
-    with pytest.raises(SystemExit, match='--density 300 must be in'):
-        run_train(tmp_path, '--density', '300')
-
-
-def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
-    with pytest.raises(SystemExit, match='no checkpoint at'):
-        run_train(tmp_path, '--resume')
-
-
-def test_resume_with_other_model_flags_fails_clearly(tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    with pytest.raises(SystemExit, match=re.escape('holds another model: head global (the flags give linear)')):
-        run_train(tmp_path, '--max_steps', '2', '--resume', '--head', 'linear')
-
-
-def test_a_checkpoint_of_another_version_of_the_code_is_refused_in_one_line(tmp_path):
-    ckpt = run_train(tmp_path, '--max_steps', '1')
-    del ckpt['config']['init']  # as the versions before the key existed wrote them
-    torch.save(ckpt, tmp_path / 'ckpt.pt')
-    for load in (lambda: sample.load_checkpoint(str(tmp_path / 'ckpt.pt')),
-                 lambda: run_train(tmp_path, '--max_steps', '2', '--resume')):
-        with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: written by another version of this code .*'init'") as e:
-            load()
-        assert '\n' not in str(e.value)
-
-
-def test_wrong_checkpoint_file_fails_clearly(tmp_path):
-    bad = tmp_path / 'bad.pt'
-    bad.write_bytes(b'garbage')
-    with pytest.raises(SystemExit, match='not a readable PyTorch checkpoint'):
-        sample.load_checkpoint(str(bad))
-    torch.save({'weights': torch.zeros(1)}, tmp_path / 'other.pt')
-    with pytest.raises(SystemExit, match='not a heptapod train.py checkpoint'):
-        sample.load_checkpoint(str(tmp_path / 'other.pt'))
-    with pytest.raises(SystemExit, match='no such file'):
-        sample.load_checkpoint(str(tmp_path / 'missing.pt'))
-
-
-def cache_worker(rank, world_size, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    start = tokenizers.start_cache  # rank 0 begins the cache a second late, as on a loaded machine: rank 1 must wait
-    tokenizers.start_cache = lambda *a: (time.sleep(1), start(*a))
-    tokenizers.cache(tokenizers.get_parser().parse_args(argv))
-
-
-def test_two_process_cache_writes_meta_before_any_shard_and_rebuilds_under_torchrun(tmp_path):
-    make_image_folder(tmp_path / 'images', per_class=4)
-    argv = ['cache', '--data', str(tmp_path / 'images'), '--out', str(tmp_path / 'cache'), '--workers', '0',
-            '--shard_size', '2']  # 4 shards, 2 per rank
-    run_two_processes(cache_worker, argv)
-    meta, shards = tmp_path / 'cache' / 'meta.json', sorted((tmp_path / 'cache').glob('*_0000*.npy'))
-    assert len(shards) == 8 and all(meta.stat().st_mtime_ns <= p.stat().st_mtime_ns for p in shards)
-    os.makedirs(tmp_path / 'images' / 'birds')  # sorts first: every label moves up by one
-    Image.new('RGB', (20, 20), 'blue').save(tmp_path / 'images' / 'birds' / '0.png')
-    run_two_processes(cache_worker, argv + ['--rebuild'])  # rank 0 deletes before any rank writes
-    _, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert meta['classes'] == ['birds', 'cats', 'dogs'] and labels.tolist() == [0] + [1] * 4 + [2] * 4
-
-
-def test_image_folder_errors_name_the_problem(tmp_path):
-    with pytest.raises(SystemExit, match='no such directory'):
-        tokenizers.list_image_folder(str(tmp_path / 'missing'))
-    os.makedirs(tmp_path / 'data' / 'empty_class')
-    with pytest.raises(SystemExit, match="class folder 'empty_class' has no image files"):
-        tokenizers.list_image_folder(str(tmp_path / 'data'))
-    (tmp_path / 'data' / 'empty_class' / '.DS_Store').write_bytes(b'\0')  # a file, but no image
-    with pytest.raises(SystemExit, match="class folder 'empty_class' has no image files"):
-        tokenizers.list_image_folder(str(tmp_path / 'data'))
-
-
-def test_training_on_a_cache_with_another_tokenizer_flag_fails_clearly(tmp_path, monkeypatch):
-    make_image_folder(tmp_path / 'images')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    meta = tmp_path / 'cache' / 'meta.json'
-    meta.write_text(meta.read_text().replace('"pixel"', '"vq"'))  # a cache of other tokens
-    with pytest.raises(SystemExit, match="holds 'vq' tokens; drop --tokenizer pixel"):
-        run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--tokenizer', 'pixel')
-
-
-def readme_ablation_flags():
-    text = open(os.path.join(os.path.dirname(__file__), 'README.md')).read()
-    table = text[text.index('## Paper ablations as flags'):].split('\n## ')[0]
-    return [row.split('|')[3].strip().strip('`') for row in table.splitlines()
-            if row.startswith('| ') and '--' in row.split('|')[3]]
-
-
-@pytest.mark.parametrize('flags', readme_ablation_flags())
-def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
-    args = train.get_parser().parse_args(shlex.split(flags) + [
-        '--size', 'tiny', '--batch_size', '2', '--max_steps', '2', '--warmup_steps', '1',
-        '--num_samples', '0', '--log_interval', '1', '--out_dir', str(tmp_path)])
-    args.epochs = args.warmup_epochs = None  # two steps, whatever the row's run length
-    train.main(args)
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['step'] == 2 and ckpt['args']['head'] == args.head
-
-
-@pytest.mark.parametrize('flags,message', [
-    ('--head local --window 20', 'does not tile'),
-    ('--head local --window 16 --order raster', 'use --order random'),
-    ('--head global --window 16', 'use --head local'),
-    ('--head linear --density 4', 'scores every step already'),
-    ('--class_dropout 1.5', 'must be in [0, 1)'),
-    ('--order rar --head global', 'use it with --head linear'),
-    ('--npp_levels 2 --head linear --order random', 'use --head linear --order raster'),
-    ('--npp_levels 6 --head linear --order raster', 'do not tile'),
-    ('--global_batch_size 24 --batch_size 16', 'not a multiple of --batch_size'),
-])
-def test_invalid_flag_combinations_fail_at_start_up_in_one_line(flags, message, tmp_path):
-    with pytest.raises(SystemExit, match=re.escape(message)) as e:
-        run_train(tmp_path, *shlex.split(flags))
-    assert '\n' not in str(e.value)
-
-
-def test_dry_run_prints_parameters_and_flops_and_trains_nothing(tmp_path, capsys):
-    args = train.get_parser().parse_args(['--dry_run', '--size', 'B', '--out_dir', str(tmp_path)])
-    train.main(args)
-    out = capsys.readouterr().out
-    assert 'parameters total' in out and 'training FLOPs per image, total' in out
-    assert not (tmp_path / 'ckpt.pt').exists()
-
-
-# -----------------------------------------------------------------------------
-# continuous tokens: the diffusion MLP (MAR)
 
 def test_cosine_schedule_and_respacing_match_their_closed_forms():
     from heads import GaussianDiffusion
@@ -748,41 +323,6 @@ def test_diffusion_mlp_learns_a_conditional_two_mode_distribution():
         assert near.float().mean() > 0.9, f"condition {c}: {near.float().mean():.2f} near its modes"
         share = (dist.argmin(1) == 0).float().mean()
         assert 0.25 < share < 0.75, f"condition {c}: mode shares {share:.2f}"  # both modes, not one
-
-
-def per_step_sampler(loss, z, generator, steps, temperature=1.0, cfg=1.0):
-    """The diffusion sampler as it was before it was made constant work (c2d4f7c): the whole network, time
-    embedding and condition included, at every step, and one noise draw per step."""
-    from heads import GaussianDiffusion
-    d, net, B = GaussianDiffusion(steps), loss.net, len(z) // 2 if cfg != 1.0 else len(z)
-    D = net.final.out_features // 2
-    x = torch.randn(B, D, generator=generator)
-    for k in reversed(range(steps)):
-        i = torch.full((B,), k)
-        out = net(x.repeat(len(z) // B, 1), d.timesteps[i].repeat(len(z) // B), z).float()
-        eps, v = out[:B].chunk(2, dim=-1)
-        if cfg != 1.0:
-            eps = out[B:, :D] + cfg * (eps - out[B:, :D])
-        mean, logvar = d.p_mean_logvar(eps, v, x, i, loss.clip_denoised)
-        x = mean + (k > 0) * torch.exp(0.5 * logvar) * torch.randn(x.shape, generator=generator) * temperature
-    return x
-
-
-@pytest.mark.parametrize('clip,cfg,temperature', [(True, 1.0, 1.0), (True, 1.5, 0.9), (False, 1.0, 1.0)])
-def test_the_constant_work_diffusion_sampler_draws_the_samples_of_the_per_step_one(clip, cfg, temperature):
-    # the same generator gives the same samples, up to fp32 rounding, when its draws do not depend on how they
-    # are grouped (CPU: rows x dim a multiple of 16); unclipped, the first step multiplies rounding by ~630
-    from heads import DiffusionLoss
-    torch.manual_seed(0)
-    loss = DiffusionLoss(token_dim=12, n_embd=32, width=48, depth=2, clip_denoised=clip)
-    with torch.no_grad():
-        for p in loss.parameters():
-            p.normal_(0, 0.2)  # not MAR's zero-initialised outputs: every weight matters
-    z = torch.randn(8 if cfg != 1.0 else 4, 32)
-    old = per_step_sampler(loss, z, torch.Generator().manual_seed(3), 50, temperature, cfg)
-    with torch.no_grad():
-        new = loss.sample(z, torch.Generator().manual_seed(3), temperature, cfg, diffusion_steps=50)
-    torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-4 * old.abs().max().item())
 
 
 @pytest.mark.parametrize('steps', [1000, 100])
@@ -838,13 +378,287 @@ def test_continuous_model_passes_exactly_the_unseen_positions_to_the_diffusion_l
     torch.testing.assert_close(captured['targets'], idx[unseen])
 
 
+# -----------------------------------------------------------------------------
+# sampling (sample.generate): the (position, token) loop, parallel decoding, editing, the caches
+
+def per_step_sampler(loss, z, generator, steps, temperature=1.0, cfg=1.0):
+    """The diffusion sampler as it was before it was made constant work (c2d4f7c): the whole network, time
+    embedding and condition included, at every step, and one noise draw per step."""
+    from heads import GaussianDiffusion
+    d, net, B = GaussianDiffusion(steps), loss.net, len(z) // 2 if cfg != 1.0 else len(z)
+    D = net.final.out_features // 2
+    x = torch.randn(B, D, generator=generator)
+    for k in reversed(range(steps)):
+        i = torch.full((B,), k)
+        out = net(x.repeat(len(z) // B, 1), d.timesteps[i].repeat(len(z) // B), z).float()
+        eps, v = out[:B].chunk(2, dim=-1)
+        if cfg != 1.0:
+            eps = out[B:, :D] + cfg * (eps - out[B:, :D])
+        mean, logvar = d.p_mean_logvar(eps, v, x, i, loss.clip_denoised)
+        x = mean + (k > 0) * torch.exp(0.5 * logvar) * torch.randn(x.shape, generator=generator) * temperature
+    return x
+
+
+@pytest.mark.parametrize('clip,cfg,temperature', [(True, 1.0, 1.0), (True, 1.5, 0.9), (False, 1.0, 1.0)])
+def test_the_constant_work_diffusion_sampler_draws_the_samples_of_the_per_step_one(clip, cfg, temperature):
+    # the same generator gives the same samples, up to fp32 rounding, when its draws do not depend on how they
+    # are grouped (CPU: rows x dim a multiple of 16); unclipped, the first step multiplies rounding by ~630
+    from heads import DiffusionLoss
+    torch.manual_seed(0)
+    loss = DiffusionLoss(token_dim=12, n_embd=32, width=48, depth=2, clip_denoised=clip)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.normal_(0, 0.2)  # not MAR's zero-initialised outputs: every weight matters
+    z = torch.randn(8 if cfg != 1.0 else 4, 32)
+    old = per_step_sampler(loss, z, torch.Generator().manual_seed(3), 50, temperature, cfg)
+    with torch.no_grad():
+        new = loss.sample(z, torch.Generator().manual_seed(3), temperature, cfg, diffusion_steps=50)
+    torch.testing.assert_close(new, old, rtol=1e-4, atol=1e-4 * old.abs().max().item())
+
+
+@pytest.mark.parametrize('head,order', [('global', 'random'), ('local', 'random'), ('linear', 'raster'),
+                                        ('linear', 'random')])
+def test_kv_cache_sampling_equals_recomputing_from_scratch(head, order):
+    model = tiny_model(head, window=16 if head == 'local' else None)
+    labels = torch.tensor([0, 5, 9])
+    cached = generate(model, labels, order, torch.Generator().manual_seed(0))
+    recomputed = generate(model, labels, order, torch.Generator().manual_seed(0), use_cache=False)
+    assert cached.shape == (3, N) and cached.min() >= 0 and cached.max() < 512
+    assert torch.equal(cached, recomputed)
+
+
 def test_continuous_kv_cache_sampling_equals_recomputing():
     model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
     labels = torch.tensor([0, 5])
     cached = generate(model, labels, 'random', torch.Generator().manual_seed(0), diffusion_steps=10)  # 10: fast
-    recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), use_cache=False, diffusion_steps=10)
+    recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), use_cache=False,
+                          diffusion_steps=10)
     assert cached.shape == (2, N, 12)
     torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_the_local_head_projects_each_prefix_state_once_while_sampling():
+    model = tiny_model('local', window=16)
+    rows = []
+    for cross in model.head.cross:
+        cross.kv.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2]))
+    generate(model, torch.tensor([0, 5]), 'random', torch.Generator().manual_seed(0))
+    per_layer = sum(b * t for b, t in rows) // len(model.head.cross)
+    assert per_layer == 2 * N  # h_0..h_{N-1} of 2 images, each once; recomputing costs N per step
+
+
+def test_top_k_one_samples_the_most_likely_token():
+    head = tiny_model().token_head
+    z = torch.randn(10, 32)
+    tok = head.sample(z, torch.Generator().manual_seed(0), top_k=1)
+    assert torch.equal(tok, head.linear(z).argmax(-1))
+
+
+@pytest.mark.parametrize('n,steps', [(256, 256), (256, 64), (256, 8), (64, 64), (64, 1), (10, 3)])
+def test_step_schedule_places_every_token_once_at_least_one_per_step(n, steps):
+    sizes = sample.step_schedule(n, steps)
+    assert len(sizes) == steps and sum(sizes) == n and min(sizes) >= 1
+    if steps == n:
+        assert sizes == [1] * n  # the paper: one (position, token) pair per step
+    else:
+        assert sizes[0] <= sizes[-1]  # cosine: few tokens first, many at the end (MAR)
+
+
+def test_one_token_per_step_is_the_sequential_loop_and_cached_blocks_equal_recomputing():
+    model = tiny_model('global')
+    labels = torch.tensor([1, 4])
+    sequential = generate(model, labels, 'random', torch.Generator().manual_seed(0))
+    assert torch.equal(generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=N), sequential)
+    parallel = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=8)
+    recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=8, use_cache=False)
+    assert torch.equal(parallel, recomputed)
+
+
+def test_parallel_decoding_fills_every_position():
+    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
+    tokens = generate(model, torch.tensor([0, 3]), 'random', torch.Generator().manual_seed(0), num_steps=7,
+                      diffusion_steps=5)
+    assert tokens.shape == (2, N, 12) and (tokens != 0).any(-1).all()  # no position left at its initial zero
+
+
+def test_confidence_order_fills_every_position_and_differs_from_random():
+    model = tiny_model('global')
+    labels = torch.tensor([2, 7])
+    conf = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=16,
+                    position_order='confidence')
+    rand = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=16)
+    assert conf.shape == (2, N) and not torch.equal(conf, rand)
+
+
+@pytest.mark.parametrize('head', ['global', 'local', 'linear'])
+def test_inpainting_keeps_the_given_tokens_exactly(head):
+    model = tiny_model(head, window=16 if head == 'local' else None)
+    given = torch.randint(512, (2, N))
+    keep = torch.zeros(2, N, dtype=torch.bool)
+    keep[:, [3, 10, 11, 40, 63]] = True  # any positions, for a 2D-random model
+    out = generate(model, torch.tensor([0, 1]), 'random', torch.Generator().manual_seed(0), prefix=(given, keep))
+    assert torch.equal(out[keep], given[keep]) and not torch.equal(out[~keep], given[~keep])
+    again = generate(model, torch.tensor([0, 1]), 'random', torch.Generator().manual_seed(0), prefix=(given, keep),
+                     use_cache=False)
+    assert torch.equal(out, again)  # the kept block through the cache equals recomputing
+
+
+def test_raster_models_only_continue_a_raster_prefix():
+    model = tiny_model('linear')
+    given = torch.randint(512, (1, N))
+    top_rows = torch.arange(N)[None] < 2 * G
+    out = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, top_rows))
+    assert torch.equal(out[top_rows], given[top_rows])  # outpainting downwards from the top rows
+    scattered = torch.zeros(1, N, dtype=torch.bool)
+    scattered[0, [5, 30]] = True
+    with pytest.raises(ValueError, match='can only continue a raster prefix'):
+        generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, scattered))
+    with pytest.raises(ValueError, match=re.escape(f'--num_steps {N} must be in [1, {N - 2 * G}]')):  # for callers
+        generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), num_steps=N,
+                 prefix=(given, top_rows))
+
+
+def test_a_raster_trained_2d_model_samples_in_the_order_asked_for():
+    model = tiny_model()
+    raster = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0))
+    randomly = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), position_order='random')
+    assert not torch.equal(raster, randomly)  # another order conditions each token on other tokens
+
+
+@pytest.mark.parametrize('mode', ['sequential', 'parallel', 'confidence', 'inpainting'])
+def test_bf16_sampling_with_the_kv_cache_fills_the_grid_in_every_mode(mode):
+    model = tiny_model()
+    given = torch.randint(512, (2, N))
+    keep = (torch.arange(N) % G < 3).expand(2, N)  # the first 3 columns
+    kw = dict(sequential={}, parallel=dict(num_steps=16), confidence=dict(num_steps=16, position_order='confidence'),
+              inpainting=dict(prefix=(given, keep)))[mode]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = generate(model, torch.tensor([0, 7]), 'random', torch.Generator().manual_seed(0), **kw)
+    assert out.shape == (2, N) and 0 <= out.min() and out.max() < 512
+    if mode == 'inpainting':
+        assert torch.equal(out[keep], given[keep])
+
+
+def test_last_layer_attention_covers_exactly_the_tokens_read_before():
+    model = tiny_model()
+    w = sample.last_layer_attention(model, torch.randint(512, (1, N)), torch.tensor([3]))  # (N - 1, N)
+    assert torch.equal(w.triu(1), torch.zeros_like(w))  # after reading position p: positions 0..p only
+    assert (w.sum(1) < 1).all() and (w.sum(1) > 0).all()  # the rest goes to the class token
+
+
+# -----------------------------------------------------------------------------
+# the seed baselines: RAR and next-patch prediction
+
+def test_rar_probability_is_one_before_the_anneal_zero_after_and_linear_between():
+    args = train.get_parser().parse_args(['--max_steps', '1000'])  # defaults: anneal from 50% to 75%
+    assert [train.rar_prob(s, args) for s in (0, 499, 500, 625, 750, 999)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_rar_batch_with_r_zero_is_the_raster_batch():
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(make_orders(4, N, 'rar', g, rar_prob=0.0), make_orders(4, N, 'raster', g))
+    mixed = make_orders(64, N, 'rar', g, rar_prob=0.5)
+    is_raster = (mixed == torch.arange(N)).all(1)
+    assert 10 < is_raster.sum() < 54 and torch.equal(mixed.sort(1).values, torch.arange(N).expand(64, N))
+    model = tiny_model('linear')
+    idx, labels = fixed_batch(4)
+    raster_loss = model(idx, labels, make_orders(4, N, 'raster', g), None)
+    assert model(idx, labels, make_orders(4, N, 'rar', g, rar_prob=0.0), None) == raster_loss
+
+
+def test_target_aware_logits_score_their_own_labels_after_unpermuting():
+    model = tiny_model('linear')
+    idx, labels = fixed_batch(3)
+    orders = make_orders(3, N, 'random', torch.Generator().manual_seed(0))
+    seq = take(idx, orders)
+    h = model.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # h[:, t] predicts orders[:, t]
+    logits = model.token_head.linear(h)  # (3, N, V) in generation order
+    grid_logits = logits.gather(1, orders.argsort(1)[..., None].expand_as(logits))  # un-permuted: raster layout
+    expected = F.cross_entropy(grid_logits.flatten(0, 1), idx.flatten())  # each logit against its own pixel
+    torch.testing.assert_close(model(idx, labels, orders, None), expected)
+
+
+def test_only_the_target_aware_embedding_lets_a_random_order_model_learn_position_determined_tokens():
+    # token = its position: in random order, the next token is knowable only from the target position
+    idx = torch.arange(N).expand(16, N)
+    labels = torch.zeros(16, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    model = tiny_model('linear').train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(idx, labels, make_orders(16, N, 'random', g), None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.3 * math.log(N)  # chance level without the target would stay near log(N - t)
+
+
+def test_npp_patch_embedding_is_the_mean_of_its_tokens_and_its_loss_scores_every_code_of_the_next_patch():
+    model = tiny_model('linear')
+    idx, labels = fixed_batch(2)
+    p, g = 2, G // 2
+    grid = idx.view(2, G, G)
+    emb = model.transformer.tok_emb
+    inputs, codes, positions = [], [], []
+    for r in range(g):  # direct computation, patch by patch in raster order
+        for c in range(g):
+            patch = grid[:, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten(1)  # (2, 4) codes of the patch
+            inputs.append(emb(patch).mean(1))  # Eq. 2
+            codes.append(patch)
+            positions.append(r * G + c)  # the patch-grid coordinates as a grid position
+    t = model.transformer
+    pos = torch.tensor(positions)
+    x = torch.cat([t.cls_emb(labels)[:, None], torch.stack(inputs[:-1], 1)], 1)
+    h = t.run(x + t.pos_emb(pos), is_causal=True)  # each input told the position of the next patch (shifted)
+    logp = model.token_head.linear(h).log_softmax(-1)  # (2, g*g, V)
+    expected = -torch.stack([logp[:, i].gather(1, codes[i]) for i in range(g * g)]).mean()  # Eq. 3
+    torch.testing.assert_close(model(idx, labels, None, None, patch_size=2), expected)
+
+
+def test_npp_segments_halve_the_patch_and_restart_the_learning_rate():
+    args = train.get_parser().parse_args(['--max_steps', '100', '--npp_levels', '3', '--npp_lambda', '0.5',
+                                          '--warmup_steps', '5', '--head', 'linear', '--order', 'raster'])
+    segments = [train.npp_segment(s, args) for s in (0, 24, 25, 49, 50, 99)]
+    assert segments == [(0, 25, 4), (0, 25, 4), (25, 50, 2), (25, 50, 2), (50, 100, 1), (50, 100, 1)]
+    lr = [train.get_lr(s, args) for s in range(100)]
+    assert lr[25] == lr[0] == args.lr / 5 and lr[50] == args.lr / 5  # warm restart of each segment
+    assert lr[10] == args.lr and lr[19] == args.lr  # constant until the segment's last fifth
+    assert abs(lr[24] - (args.lr + (1e-5 - args.lr) * 4 / 5)) < 1e-12 and lr[99] < lr[95] < lr[89] == args.lr
+    one = train.get_parser().parse_args(['--max_steps', '100'])
+    assert train.npp_segment(70, one) == (0, 100, 1)  # without NPP: one 1x1 segment
+
+
+# -----------------------------------------------------------------------------
+# tokenizers (tokenizers.py): the pixel palette, the built-in data, and the paper's tokenizers, built with random
+# weights and saved in their official checkpoint formats (nothing can be downloaded); the official state dicts are
+# written from the reference constructors' naming rules (LlamaGen tokenizer/tokenizer_image/vq_model.py, MAR
+# models/vae.py), not from our modules
+
+def test_pixel_tokenizer_round_trip_keeps_the_top_three_bits():
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    tok = tokenizers.PixelTokenizer()
+    tokens = tok.encode(images)
+    assert tokens.shape == (4, 16, 16) and tokens.min() >= 0 and tokens.max() < 512
+    decoded = tok.decode(tokens)
+    assert torch.equal(decoded >> 5, images >> 5)
+    assert torch.equal(tok.encode(decoded), tokens)
+
+
+def test_the_cube_is_the_nearest_colour_of_its_palette_with_ties_to_the_later_colour():
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    images[0, 0, :8] = torch.tensor([0, 31, 32, 33, 63, 64, 224, 255], dtype=torch.uint8)[:, None]  # bin edges
+    cube = tokenizers.PixelTokenizer()
+    assert torch.equal(tokenizers.PixelTokenizer(cube.palette.numpy()).encode(images), cube.encode(images))
+
+
+def test_a_palette_of_few_colours_is_exact_and_of_many_the_k_means_centres():
+    rng = np.random.default_rng(0)
+    few = rng.integers(0, 256, (17, 3), dtype=np.uint8)[rng.integers(0, 17, 5000)]  # 17 colours
+    assert np.array_equal(tokenizers.fit_palette(few, 512), np.unique(few, axis=0))
+    centres = rng.integers(20, 236, (8, 3))
+    noisy = np.clip(centres[rng.integers(0, 8, 20000)] + rng.integers(-6, 7, (20000, 3)), 0, 255).astype(np.uint8)
+    palette = tokenizers.fit_palette(noisy, 8).astype(int)  # 8 clusters of ~2000 colours each
+    assert len(palette) == 8 and np.abs(palette[:, None] - centres[None]).max(-1).min(0).max() <= 2
 
 
 def test_pixel_patch_tokens_round_trip_exactly():
@@ -857,12 +671,68 @@ def test_pixel_patch_tokens_round_trip_exactly():
     assert torch.equal(tok.decode(tokens.half().float()), images)  # the float16 cache keeps every level
 
 
-# -----------------------------------------------------------------------------
-# the paper's tokenizers (LlamaGen VQ-16, MAR KL-16): nothing can be downloaded, so each is built with
-# random weights and saved in its official checkpoint format. The official state dicts, written from the reference constructors' naming rules
-# (LlamaGen tokenizer/tokenizer_image/vq_model.py, MAR models/vae.py), not from our modules
+def test_shapes_dataset_is_deterministic_and_class_structured():
+    a, la = tokenizers.make_shapes(100, seed=0)
+    b, lb = tokenizers.make_shapes(100, seed=0)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert sorted(set(la.tolist())) == list(range(10))
+    # the shape of a class is visible: mean foreground masks of two classes differ
+    fg = (a.int().sum(-1) > a.int().sum(-1).flatten(1).min(1).values[:, None, None])
+    assert (fg[la == 7].float().mean(0) - fg[la == 8].float().mean(0)).abs().max() > 0.5
+
+
+@pytest.mark.parametrize('size', [16, 32])  # the pixel and the pixel_patch data
+def test_every_shapes_image_is_its_own_mirror(size):
+    # training sees each image or its mirror (as MAR): a class whose mirror differed would be two modes
+    images, _ = tokenizers.make_shapes(50, size=size, seed=0)
+    assert torch.equal(images, images.flip(2))
+
+
+def test_every_pairs_image_draws_its_class_in_both_halves_in_one_colour():
+    images, labels = tokenizers.make_shapes(200, seed=0, pairs=True)
+    for image, label in zip(images, labels):
+        lit = (image > 0).any(-1)  # (16, 16) the shape's pixels
+        assert lit[:, :8].any() and lit[:, 8:].any() and len(torch.unique(image[lit], dim=0)) == 1
+        if tokenizers.SHAPE_CLASSES[label] not in ('h_stripes', 'v_stripes'):  # the stripes fill the image
+            assert not lit[:, 7:9].all(0).any()  # two shapes, no column lit from top to bottom between them
+    again, _ = tokenizers.make_shapes(200, seed=0, pairs=True)
+    assert torch.equal(images, again)  # deterministic in the seed
+
+
+def test_center_crop_gives_the_target_size_from_any_aspect():
+    for size in [(300, 200), (17, 90), (16, 16)]:
+        arr = tokenizers.center_crop_arr(Image.new('RGB', size), 16)
+        assert arr.shape == (16, 16, 3)
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    Image.fromarray(np.full((4, 4), 0x8080, np.uint16)).save(tmp_path / 'grey16.png')  # 32896 / 257 = 128
+    Image.fromarray(np.full((4, 4), 128 / 255, np.float32)).save(tmp_path / 'float.tif')
+    for name, mode in (('grey16.png', 'I;16'), ('float.tif', 'F')):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode and np.asarray(tokenizers.to_rgb(im)).tolist() == [[[128] * 3] * 4] * 4
+    Image.fromarray(np.full((4, 4), 200.0, np.float32)).save(tmp_path / 'float255.tif')  # not in [0, 1]
+    with Image.open(tmp_path / 'float255.tif') as im, pytest.raises(ValueError, match=re.escape('only [0, 1]')):
+        tokenizers.to_rgb(im)
+
+
+def test_load_weights_names_the_file_and_the_first_unfit_or_non_finite_entries():
+    good, key = tiny_model().state_dict(), 'transformer.cls_emb.weight'
+    for state, message in [({k: v for k, v in good.items() if k != key}, rf"1 missing \({key}\)"),
+                           (dict(good, extra=torch.zeros(1)), r"1 unexpected \(extra\)"),
+                           (dict(good, **{key: torch.zeros(3, 3)}),
+                            rf"1 wrongly shaped \({key}: \(3, 3\) in the file, \(11, 32\) in the model\)"),
+                           (dict(good, **{key: good[key] / 0}), rf"NaN or inf in 1 of their tensors \({key}\)")]:
+        with pytest.raises(SystemExit, match=rf"^error: x.pt: its 'ema' weights .*{message}") as e:
+            load_weights(tiny_model(), state, 'x.pt', "its 'ema' weights")
+        assert '\n' not in str(e.value)
+    model = load_weights(tiny_model(), {k: v + 1 for k, v in good.items()}, 'x.pt', "its 'ema' weights")
+    assert torch.equal(model.state_dict()[key], good[key] + 1)
+
 
 ENC_LEVELS = [(128, 128), (128, 128), (128, 256), (256, 256), (256, 512)]  # (in, out) per level, highest res first
+
+
 DEC_LEVELS = [(512, 512), (512, 256), (256, 256), (256, 128), (128, 128)]  # in forward order, lowest res first
 
 
@@ -928,9 +798,6 @@ def test_official_key_lists_have_the_reported_sizes():
     numel = lambda keys: sum(torch.Size(s).numel() for k, s in keys.items() if k != 'quantize.codebook_used')
     assert numel(vq) == 71_883_403 and numel(kl) == 66_456_019  # the parameter counts of the two released models
 
-
-# -----------------------------------------------------------------------------
-# Loading checkpoints in the official format
 
 @pytest.fixture(scope='module')
 def vq_file(tmp_path_factory):
@@ -1030,9 +897,6 @@ def test_files_that_are_not_such_checkpoints_are_refused_in_one_line(tmp_path):
         assert '\n' not in str(e.value)
 
 
-# -----------------------------------------------------------------------------
-# The quantizer and the posterior
-
 def test_nearest_code_has_the_maximum_cosine_similarity():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 8, 4, 5, generator=g)
@@ -1086,187 +950,6 @@ def test_vae_decode_divides_by_the_latent_scale(vae):
         torch.testing.assert_close(vae.decode(0.2325 * z), vae.decoder(vae.post_quant_conv(z)), atol=1e-4, rtol=1e-4)
 
 
-# -----------------------------------------------------------------------------
-# the token cache
-
-def test_image_folder_is_cached_with_mirrors_and_unreadable_files_are_reported(tmp_path, capsys):
-    make_image_folder(tmp_path / 'images')
-    (tmp_path / 'images' / 'dogs' / 'notes.txt').write_text('not an image')
-    (tmp_path / 'images' / 'dogs' / 'broken.png').write_bytes(b'not a png')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '4'))
-    err = capsys.readouterr().err
-    assert 'skipping' in err and 'notes.txt' in err and 'broken.png' in err
-    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert meta['num_shards'] == 2 and len(tokens) == 6
-    rows = tokens[np.arange(6)]  # (6, 2, 16, 16) across both shards
-    assert np.array_equal(rows[:, 1], rows[:, 0, :, ::-1])  # the second entry is the mirrored image
-
-
-def test_killed_cache_run_continues_and_never_rewrites_a_finished_shard(tmp_path, monkeypatch):
-    make_image_folder(tmp_path / 'images')
-    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2')  # 3 shards
-    real_save = tokenizers.save_array
-
-    def killed_at_shard_1(path, array):
-        if 'tokens_00001' in path:
-            raise KeyboardInterrupt
-        real_save(path, array)
-    monkeypatch.setattr(tokenizers, 'save_array', killed_at_shard_1)
-    with pytest.raises(KeyboardInterrupt):
-        tokenizers.cache(args)
-    first = tmp_path / 'cache' / 'tokens_00000.npy'
-    assert first.exists() and not (tmp_path / 'cache' / 'labels_00001.npy').exists()
-    with pytest.raises(SystemExit, match='not written yet'):  # training refuses an unfinished cache
-        tokenizers.load_dataset(str(tmp_path / 'cache'))
-    written = first.stat().st_mtime_ns
-    monkeypatch.setattr(tokenizers, 'save_array', real_save)
-    tokenizers.cache(args)
-    assert first.stat().st_mtime_ns == written
-    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
-
-
-def snapshot_of(root):
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.iterdir()}
-
-
-@pytest.mark.parametrize('flags,differs', [
-    (['--palette', 'cube'], 'palette fit -> cube'),
-    (['--palette_size', '64'], 'palette_size 512 -> 64'),
-    (['--image_size', '32'], 'image_size 16 -> 32'),
-    (['--tokenizer', 'pixel_patch', '--image_size', '32'], 'tokenizer pixel -> pixel_patch'),
-    (['--shard_size', '4'], 'shard_size 10000 -> 4'),
-])
-def test_rerunning_cache_with_other_flags_into_its_out_is_refused_and_changes_nothing(flags, differs, tmp_path):
-    make_image_folder(tmp_path / 'images')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    before = snapshot_of(tmp_path / 'cache')
-    with pytest.raises(SystemExit, match=re.escape(differs) + '.*another --out, or add --rebuild') as e:
-        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', *flags))
-    assert '\n' not in str(e.value) and snapshot_of(tmp_path / 'cache') == before
-
-
-def test_rerunning_cache_after_a_class_folder_was_added_is_refused_and_rebuild_relabels(tmp_path):
-    make_image_folder(tmp_path / 'images')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    os.makedirs(tmp_path / 'images' / 'birds')  # sorts first: every label moves up by one
-    Image.new('RGB', (20, 20), 'blue').save(tmp_path / 'images' / 'birds' / '0.png')
-    with pytest.raises(SystemExit, match='num_classes 2 -> 3'):
-        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--rebuild'))
-    _, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert meta['classes'] == ['birds', 'cats', 'dogs'] and labels.tolist() == [0, 1, 1, 1, 2, 2, 2]
-
-
-def test_rerunning_cache_over_changed_image_files_is_refused(tmp_path):
-    make_image_folder(tmp_path / 'images')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    Image.new('RGB', (50, 50), 'red').save(tmp_path / 'images' / 'cats' / '0.png')  # same name, other file
-    with pytest.raises(SystemExit, match='files_sha256'):
-        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-
-
-def test_rerunning_cache_with_other_tokenizer_weights_is_refused(vq_file, tmp_path):
-    make_image_folder(tmp_path / 'images')
-    shutil.copy(vq_file[0], tmp_path / 'other_vq.pt')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', 'vq',
-                                    '--ckpt', str(vq_file[0])))
-    with pytest.raises(SystemExit, match=re.escape(f"ckpt {vq_file[0]} -> {tmp_path / 'other_vq.pt'}")):
-        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', 'vq',
-                                        '--ckpt', str(tmp_path / 'other_vq.pt')))
-
-
-@pytest.mark.parametrize('change,match', [
-    (dict(image_size=32, grid_size=32), 'tokens_00000.npy holds uint16 tokens (2, 16, 16), not the uint16 32x32'),
-    (dict(tokenizer='pixel_patch', vocab_size=None, token_dim=12), 'not the float16 16x16 grids'),
-    (dict(classes=['cats', 'dogs', 'zebras'], num_classes=3), 'no image of class zebras'),
-    (dict(classes=['cats'], num_classes=1), 'labels beyond the 1 classes'),
-])
-def test_loading_refuses_a_cache_whose_shards_disagree_with_its_meta(change, match, tmp_path):
-    # what the old `cache` left after a rerun with another --image_size, --tokenizer or class folders
-    make_image_folder(tmp_path / 'images')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    meta = json.loads((tmp_path / 'cache' / 'meta.json').read_text())
-    meta = {k: v for k, v in dict(meta, **change).items() if v is not None}
-    (tmp_path / 'cache' / 'meta.json').write_text(json.dumps(meta))
-    with pytest.raises(SystemExit, match=re.escape(match)):
-        tokenizers.load_dataset(str(tmp_path / 'cache'))
-
-
-def png_claiming(path, width, height):
-    """A 1x1 PNG whose header is rewritten to claim width x height pixels."""
-    Image.new('RGB', (1, 1)).save(path)
-    png = bytearray(path.read_bytes())
-    png[16:24] = width.to_bytes(4, 'big') + height.to_bytes(4, 'big')  # IHDR data: width, height, ...
-    png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, 'big')  # IHDR's CRC, over its type and data
-    path.write_bytes(png)
-
-
-def test_a_huge_image_header_and_a_shard_of_unreadable_files_are_skipped_with_the_reason(tmp_path, capsys):
-    make_image_folder(tmp_path / 'images', per_class=2)
-    png_claiming(tmp_path / 'images' / 'cats' / 'x_huge.png', 20000, 20000)  # over Pillow's decompression-bomb limit
-    (tmp_path / 'images' / 'cats' / 'y_broken.png').write_bytes(b'not a png')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2'))  # shard 1: those two
-    err = capsys.readouterr().err
-    assert re.search(r'skipping \S*x_huge.png: Image size \(400000000 pixels\) exceeds limit', err)
-    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert labels.tolist() == [0, 0, 1, 1] and tokens[np.arange(4)].shape == (4, 2, 16, 16)
-    assert np.load(tmp_path / 'cache' / 'tokens_00001.npy').shape == (0, 2, 16, 16)
-
-
-def test_16_bit_and_float_images_are_cached_as_grey_and_out_of_range_ones_skipped(tmp_path, capsys):
-    make_image_folder(tmp_path / 'images', per_class=1)
-    Image.fromarray(np.full((20, 20), 0x8080, np.uint16)).save(tmp_path / 'images' / 'cats' / 'grey16.png')
-    Image.fromarray(np.full((20, 20), 128 / 255, np.float32)).save(tmp_path / 'images' / 'cats' / 'grey_float.tif')
-    Image.fromarray(np.full((20, 20), 128.0, np.float32)).save(tmp_path / 'images' / 'cats' / 'float255.tif')
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--palette', 'cube'))
-    assert re.search(r'skipping \S*float255.tif: .*only \[0, 1\] is read', capsys.readouterr().err)
-    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert labels.tolist() == [0, 0, 0, 1]  # cats: 0.png, grey16.png, grey_float.tif
-    grey = (4 << 6) | (4 << 3) | 4  # 128 in each channel: the top three bits 100
-    assert (tokens[np.arange(1, 3)] == grey).all()
-
-
-def test_a_class_whose_every_file_is_unreadable_is_refused_naming_it(tmp_path):
-    make_image_folder(tmp_path / 'images')
-    for i in range(3):
-        (tmp_path / 'images' / 'dogs' / f'{i}.png').write_bytes(b'not a png')
-    with pytest.raises(SystemExit, match='no image of class dogs'):
-        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
-    with pytest.raises(SystemExit, match='no image of class dogs'):  # training refuses it too
-        tokenizers.load_dataset(str(tmp_path / 'cache'))
-
-
-@pytest.mark.parametrize('what', ['tokens', 'labels'])
-def test_a_truncated_shard_is_named_when_loading_and_re_encoded_by_rerunning_cache(what, tmp_path, capsys):
-    make_image_folder(tmp_path / 'images')
-    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '4')
-    tokenizers.cache(args)
-    tokens = np.load(tmp_path / 'cache' / 'tokens_00000.npy')
-    shard = tmp_path / 'cache' / f'{what}_00000.npy'
-    shard.write_bytes(shard.read_bytes()[:150])  # a copy cut short
-    with pytest.raises(SystemExit, match=f'{what}_00000.npy is unreadable') as e:
-        tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert '\n' not in str(e.value)
-    tokenizers.cache(args)
-    assert 're-encoding shard 0' in capsys.readouterr().err
-    assert np.array_equal(tokenizers.load_dataset(str(tmp_path / 'cache'))[0][np.arange(4)], tokens)
-
-
-@pytest.mark.parametrize('name', ['vq', 'vae'])
-def test_reconstruction_tokenizer_cache_trains_and_samples(name, vq_file, vae_file, tmp_path):
-    ckpt = str((vq_file if name == 'vq' else vae_file)[0])
-    make_image_folder(tmp_path / 'images')  # 40x30 images: centre-cropped to 32x32, a 2x2 token grid
-    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', name,
-                                    '--ckpt', ckpt, '--image_size', '32'))
-    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
-    assert meta['grid_size'] == 2 and meta['ckpt'] == ckpt
-    assert tokens[np.arange(6)].shape == ((6, 2, 2, 2) if name == 'vq' else (6, 2, 2, 2, 32))  # ids or moments
-    out = run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--tokenizer', name,
-                    '--max_steps', '2', '--batch_size', '2', '--num_samples', '2')
-    assert out['step'] == 2 and (tmp_path / 'run' / 'samples.png').is_file()  # decoded with the cached weights
-
-
 def test_vae_latents_are_sampled_afresh_from_the_cached_moments():
     moments = torch.cat([torch.zeros(2, 3, 3, 16), torch.zeros(2, 3, 3, 16)], dim=-1)  # mean 0, std 1
     a = tokenizers.VAETokenizer.from_cache(moments, torch.Generator().manual_seed(0))
@@ -1276,582 +959,9 @@ def test_vae_latents_are_sampled_afresh_from_the_cached_moments():
 
 
 # -----------------------------------------------------------------------------
-# training at scale: DDP, accumulation, checkpoints, logs, bench
-
-def ddp_worker(rank, world_size, port, script, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    script = {'train': train, 'sample': sample}[script]  # by name: spawn pickles the arguments
-    script.main(script.get_parser().parse_args(argv))
-
-
-def run_two_processes(worker, *args):
-    """worker(rank, 2, port, *args) in 2 processes (ddp_worker: a script's main, as torchrun --nproc_per_node=2 runs
-    it, with gloo)."""
-    import socket
-    with socket.socket() as s:  # a free port on this machine for the rendezvous
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(worker, args=(2, port, *args), nprocs=2)
-
-
-def test_two_process_gloo_run_reaches_the_parameters_of_one_process_with_the_same_global_batch(tmp_path):
-    flags = ['--batch_size', '2', '--global_batch_size', '4', '--max_steps', '3']
-    one = run_train(tmp_path / 'one', *flags)  # 1 process: 2 accumulation steps of 2 images
-    argv = ['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--num_samples', '0', '--log_interval', '1',
-            '--out_dir', str(tmp_path / 'two'), *flags]
-    run_two_processes(ddp_worker, 'train', argv)  # 2 processes of 2 images
-    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
-    assert two['step'] == one['step'] == 3
-    for name, p in one['model'].items():
-        torch.testing.assert_close(two['model'][name], p, atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
-    run_train(tmp_path, '--max_steps', '2')
-
-    def killed_while_writing(obj, f):
-        f.write(b'half a checkpoint')
-        raise KeyboardInterrupt
-    monkeypatch.setattr(torch, 'save', killed_while_writing)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path, '--max_steps', '4', '--resume')
-    monkeypatch.undo()
-    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
-    run_train(tmp_path, '--max_steps', '3', '--resume')  # the next run clears what the killed one left
-    assert not list(tmp_path.glob('*.tmp'))
-
-
-def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    run_train(tmp_path, '--max_steps', '2')
-
-    def disk_full(obj, f):
-        f.write(b'the first bytes')
-        raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(SystemExit, match='No space left on device; the previous checkpoints') as e:
-        run_train(tmp_path, '--max_steps', '4', '--resume')
-    monkeypatch.undo()
-    assert '\n' not in str(e.value) and not list(tmp_path.glob('*.tmp'))
-    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
-
-
-def test_an_out_dir_that_cannot_be_written_fails_before_training(tmp_path, monkeypatch):
-    def read_only(*a, **kw):
-        raise OSError(errno.EROFS, 'Read-only file system')
-    monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
-    with pytest.raises(SystemExit, match='cannot write there .Read-only file system'):
-        run_train(tmp_path, '--max_steps', '1')
-    assert not list(tmp_path.glob('*'))  # no step ran, nothing was written
-
-
-def test_a_new_run_into_the_folder_of_another_is_refused_unless_it_resumes_or_overwrites(tmp_path):
-    run_train(tmp_path, '--max_steps', '2', '--ckpt_interval', '1')
-    before = snapshot(tmp_path)
-    with pytest.raises(SystemExit, match=r'^error: --out_dir .* holds another run \(ckpt.pt, ckpt_0000001.pt, '
-                                         r'ckpt_0000002.pt, log.jsonl\); add --resume .*--overwrite'):
-        run_train(tmp_path, '--max_steps', '3', '--lr', '3e-4')
-    assert snapshot(tmp_path) == before
-    assert run_train(tmp_path, '--max_steps', '3', '--resume')['step'] == 3
-    fresh = run_train(tmp_path, '--max_steps', '1', '--overwrite')
-    assert fresh['step'] == 1 and sorted(p.name for p in tmp_path.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_0000001.pt']
-    assert [json.loads(line)['step'] for line in open(tmp_path / 'log.jsonl')] == [1]
-
-
-def hold_folder(folder):
-    """A process that holds folder's lock, as a run writing there does: (process, kill it with SIGKILL)."""
-    os.makedirs(folder, exist_ok=True)
-    code = (f"import fcntl, sys, time; f = open({str(folder / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-            f"print('held', flush=True); time.sleep(60)")
-    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == 'held'
-    return p
-
-
-def test_a_folder_held_by_a_running_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
-    make_image_folder(tmp_path / 'images')
-    run_train(tmp_path / 'run', '--max_steps', '1')
-    commands = [(tmp_path / 'run', 'train.py', lambda: run_train(tmp_path / 'run', '--max_steps', '2', '--resume')),
-                (tmp_path / 's', 'sample.py', lambda: sample_cli('--ckpt', tmp_path / 'run' / 'ckpt.pt',
-                                                                 '--num_images', 1, '--out', tmp_path / 's')),
-                (tmp_path / 'c', 'tokenizers.py cache', lambda: tokenizers.cache(argparse_cache(tmp_path / 'images',
-                                                                                                tmp_path / 'c')))]
-    for folder, what, command in commands:
-        holder = hold_folder(folder)
-        try:
-            with pytest.raises(SystemExit, match=rf'^error: {re.escape(str(folder))} is in use by another running '
-                                                 rf'{what}; wait') as e:
-                command()
-            assert '\n' not in str(e.value)
-        finally:
-            holder.kill()  # SIGKILL: no cleanup runs, and the OS releases the lock
-            holder.wait()
-        command()  # no stale lock
-
-
-def test_a_full_disk_keeps_the_finished_samples_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    run_train(tmp_path, '--max_steps', '1')
-    argv = ['--ckpt', tmp_path / 'ckpt.pt', '--batch_size', 2, '--num_steps', 16, '--out', tmp_path / 's.npz']
-    sample_cli(*argv, '--num_images', 3)
-    finished = (tmp_path / 's.npz').read_bytes()
-    real_savez = np.savez
-
-    def disk_full_at_the_npz(f, **arrays):
-        if 'arr_0' in arrays:
-            f.write(b'the first bytes')
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        real_savez(f, **arrays)
-    monkeypatch.setattr(np, 'savez', disk_full_at_the_npz)
-    with pytest.raises(SystemExit, match=r'^error: writing .*s.npz: No space left on device') as e:
-        sample_cli(*argv, '--num_images', 5)  # extends the finished run
-    assert '\n' not in str(e.value) and (tmp_path / 's.npz').read_bytes() == finished
-    assert not list(tmp_path.rglob('*.tmp'))
-
-
-def test_a_full_disk_while_caching_stops_in_one_line_and_the_rerun_continues(tmp_path, monkeypatch):
-    make_image_folder(tmp_path / 'images')
-    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2')
-    real_save = np.save
-
-    def disk_full_at_shard_1(f, array):
-        if 'tokens_00001' in f.name:
-            raise OSError(errno.ENOSPC, 'No space left on device')
-        real_save(f, array)
-    monkeypatch.setattr(np, 'save', disk_full_at_shard_1)
-    with pytest.raises(SystemExit, match=r'^error: writing .*tokens_00001.npy: No space left on device; rerun'):
-        tokenizers.cache(args)
-    monkeypatch.undo()
-    assert not list((tmp_path / 'cache').glob('*.tmp'))
-    tokenizers.cache(args)
-    assert tokenizers.load_dataset(str(tmp_path / 'cache'))[1].tolist() == [0, 0, 0, 1, 1, 1]
-
-
-def test_only_the_last_k_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tmp_path):
-    run_train(tmp_path, '--max_steps', '4', '--ckpt_interval', '1', '--keep_last', '2')
-    assert sorted(p.name for p in tmp_path.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_0000003.pt', 'ckpt_0000004.pt']
-    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 4
-
-
-def test_log_lines_are_appended_to_a_json_lines_file(tmp_path, capsys):
-    run_train(tmp_path, '--max_steps', '3')
-    lines = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
-    assert [line['step'] for line in lines] == [1, 2, 3]
-    assert {'loss', 'lr', 'grad_norm', 'ms_per_step', 'images_per_s', 'mfu'} <= set(lines[0])
-    assert 'images/s | MFU -' in capsys.readouterr().out  # no known peak FLOP/s on a CPU
-
-
-def test_bench_reports_throughput_and_memory_and_writes_nothing(tmp_path, capsys):
-    args = train.get_parser().parse_args(['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--batch_size', '2',
-                                          '--bench', '--bench_warmup', '1', '--bench_steps', '2',
-                                          '--out_dir', str(tmp_path)])
-    train.main(args)
-    out = capsys.readouterr().out
-    assert re.search(r'bench: [\d.]+ images/s per process, \d+ ms/step, MFU -, peak memory [\d.]+ GiB', out)
-    assert not list(tmp_path.glob('*.pt')) and not (tmp_path / 'log.jsonl').exists()
-
-
-# -----------------------------------------------------------------------------
-# the seed baselines: RAR and next-patch prediction
-
-def test_rar_probability_is_one_before_the_anneal_zero_after_and_linear_between():
-    args = train.get_parser().parse_args(['--max_steps', '1000'])  # defaults: anneal from 50% to 75%
-    assert [train.rar_prob(s, args) for s in (0, 499, 500, 625, 750, 999)] == [1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
-
-
-def test_rar_batch_with_r_zero_is_the_raster_batch():
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(make_orders(4, N, 'rar', g, rar_prob=0.0), make_orders(4, N, 'raster', g))
-    mixed = make_orders(64, N, 'rar', g, rar_prob=0.5)
-    is_raster = (mixed == torch.arange(N)).all(1)
-    assert 10 < is_raster.sum() < 54 and torch.equal(mixed.sort(1).values, torch.arange(N).expand(64, N))
-    model = tiny_model('linear')
-    idx, labels = fixed_batch(4)
-    raster_loss = model(idx, labels, make_orders(4, N, 'raster', g), None)
-    assert model(idx, labels, make_orders(4, N, 'rar', g, rar_prob=0.0), None) == raster_loss
-
-
-def test_target_aware_logits_score_their_own_labels_after_unpermuting():
-    model = tiny_model('linear')
-    idx, labels = fixed_batch(3)
-    orders = make_orders(3, N, 'random', torch.Generator().manual_seed(0))
-    seq = take(idx, orders)
-    h = model.transformer(seq[:, :-1], labels, orders[:, :-1], target_pos=orders)  # h[:, t] predicts orders[:, t]
-    logits = model.token_head.linear(h)  # (3, N, V) in generation order
-    grid_logits = logits.gather(1, orders.argsort(1)[..., None].expand_as(logits))  # un-permuted: raster layout
-    expected = F.cross_entropy(grid_logits.flatten(0, 1), idx.flatten())  # each logit against its own pixel
-    torch.testing.assert_close(model(idx, labels, orders, None), expected)
-
-
-def test_only_the_target_aware_embedding_lets_a_random_order_model_learn_position_determined_tokens():
-    # token = its position: in random order, the next token is knowable only from the target position
-    idx = torch.arange(N).expand(16, N)
-    labels = torch.zeros(16, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    model = tiny_model('linear').train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(idx, labels, make_orders(16, N, 'random', g), None)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 0.3 * math.log(N)  # chance level without the target would stay near log(N - t)
-
-
-def test_npp_patch_embedding_is_the_mean_of_its_tokens_and_its_loss_scores_every_code_of_the_next_patch():
-    model = tiny_model('linear')
-    idx, labels = fixed_batch(2)
-    p, g = 2, G // 2
-    grid = idx.view(2, G, G)
-    emb = model.transformer.tok_emb
-    inputs, codes, positions = [], [], []
-    for r in range(g):  # direct computation, patch by patch in raster order
-        for c in range(g):
-            patch = grid[:, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten(1)  # (2, 4) codes of the patch
-            inputs.append(emb(patch).mean(1))  # Eq. 2
-            codes.append(patch)
-            positions.append(r * G + c)  # the patch-grid coordinates as a grid position
-    t = model.transformer
-    pos = torch.tensor(positions)
-    x = torch.cat([t.cls_emb(labels)[:, None], torch.stack(inputs[:-1], 1)], 1)
-    h = t.run(x + t.pos_emb(pos), is_causal=True)  # each input told the position of the next patch (shifted)
-    logp = model.token_head.linear(h).log_softmax(-1)  # (2, g*g, V)
-    expected = -torch.stack([logp[:, i].gather(1, codes[i]) for i in range(g * g)]).mean()  # Eq. 3
-    torch.testing.assert_close(model(idx, labels, None, None, patch_size=2), expected)
-
-
-def test_npp_segments_halve_the_patch_and_restart_the_learning_rate():
-    args = train.get_parser().parse_args(['--max_steps', '100', '--npp_levels', '3', '--npp_lambda', '0.5',
-                                          '--warmup_steps', '5', '--head', 'linear', '--order', 'raster'])
-    segments = [train.npp_segment(s, args) for s in (0, 24, 25, 49, 50, 99)]
-    assert segments == [(0, 25, 4), (0, 25, 4), (25, 50, 2), (25, 50, 2), (50, 100, 1), (50, 100, 1)]
-    lr = [train.get_lr(s, args) for s in range(100)]
-    assert lr[25] == lr[0] == args.lr / 5 and lr[50] == args.lr / 5  # warm restart of each segment
-    assert lr[10] == args.lr and lr[19] == args.lr  # constant until the segment's last fifth
-    assert abs(lr[24] - (args.lr + (1e-5 - args.lr) * 4 / 5)) < 1e-12 and lr[99] < lr[95] < lr[89] == args.lr
-    one = train.get_parser().parse_args(['--max_steps', '100'])
-    assert train.npp_segment(70, one) == (0, 100, 1)  # without NPP: one 1x1 segment
-
-
-# -----------------------------------------------------------------------------
-# sampling at scale: parallel decoding, position choice, editing, distributed and resumable runs
-
-@pytest.mark.parametrize('n,steps', [(256, 256), (256, 64), (256, 8), (64, 64), (64, 1), (10, 3)])
-def test_step_schedule_places_every_token_once_at_least_one_per_step(n, steps):
-    sizes = sample.step_schedule(n, steps)
-    assert len(sizes) == steps and sum(sizes) == n and min(sizes) >= 1
-    if steps == n:
-        assert sizes == [1] * n  # the paper: one (position, token) pair per step
-    else:
-        assert sizes[0] <= sizes[-1]  # cosine: few tokens first, many at the end (MAR)
-
-
-def test_one_token_per_step_is_the_sequential_loop_and_cached_blocks_equal_recomputing():
-    model = tiny_model('global')
-    labels = torch.tensor([1, 4])
-    sequential = generate(model, labels, 'random', torch.Generator().manual_seed(0))
-    assert torch.equal(generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=N), sequential)
-    parallel = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=8)
-    recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=8, use_cache=False)
-    assert torch.equal(parallel, recomputed)
-
-
-def test_parallel_decoding_fills_every_position():
-    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
-    tokens = generate(model, torch.tensor([0, 3]), 'random', torch.Generator().manual_seed(0), num_steps=7,
-                      diffusion_steps=5)
-    assert tokens.shape == (2, N, 12) and (tokens != 0).any(-1).all()  # no position left at its initial zero
-
-
-def test_confidence_order_fills_every_position_and_differs_from_random():
-    model = tiny_model('global')
-    labels = torch.tensor([2, 7])
-    conf = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=16,
-                    position_order='confidence')
-    rand = generate(model, labels, 'random', torch.Generator().manual_seed(0), num_steps=16)
-    assert conf.shape == (2, N) and not torch.equal(conf, rand)
-
-
-@pytest.mark.parametrize('head', ['global', 'local', 'linear'])
-def test_inpainting_keeps_the_given_tokens_exactly(head):
-    model = tiny_model(head, window=16 if head == 'local' else None)
-    given = torch.randint(512, (2, N))
-    keep = torch.zeros(2, N, dtype=torch.bool)
-    keep[:, [3, 10, 11, 40, 63]] = True  # any positions, for a 2D-random model
-    out = generate(model, torch.tensor([0, 1]), 'random', torch.Generator().manual_seed(0), prefix=(given, keep))
-    assert torch.equal(out[keep], given[keep]) and not torch.equal(out[~keep], given[~keep])
-    again = generate(model, torch.tensor([0, 1]), 'random', torch.Generator().manual_seed(0), prefix=(given, keep),
-                     use_cache=False)
-    assert torch.equal(out, again)  # the kept block through the cache equals recomputing
-
-
-def test_raster_models_only_continue_a_raster_prefix():
-    model = tiny_model('linear')
-    given = torch.randint(512, (1, N))
-    top_rows = torch.arange(N)[None] < 2 * G
-    out = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, top_rows))
-    assert torch.equal(out[top_rows], given[top_rows])  # outpainting downwards from the top rows
-    scattered = torch.zeros(1, N, dtype=torch.bool)
-    scattered[0, [5, 30]] = True
-    with pytest.raises(ValueError, match='can only continue a raster prefix'):
-        generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), prefix=(given, scattered))
-    with pytest.raises(ValueError, match=re.escape(f'--num_steps {N} must be in [1, {N - 2 * G}]')):  # for callers
-        generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), num_steps=N,
-                 prefix=(given, top_rows))
-
-
-def test_prefix_image_and_mask_files_drive_the_cli(tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    image = tokenizers.make_shapes(1, seed=5)[0][0].numpy()
-    Image.fromarray(image).save(tmp_path / 'image.png')
-    mask = np.zeros((16, 16), dtype=np.uint8)
-    mask[:, :8] = 255  # keep the left half: outpaint the right half
-    Image.fromarray(mask).save(tmp_path / 'mask.png')
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '2',
-                                                '--prefix_image', str(tmp_path / 'image.png'), '--keep_mask',
-                                                str(tmp_path / 'mask.png'), '--out', str(tmp_path / 'edit.npz')]))
-    out = np.load(tmp_path / 'edit.npz')['arr_0']
-    kept = tokenizers.PixelTokenizer().decode(tokenizers.PixelTokenizer().encode(torch.from_numpy(image)[None]))
-    assert np.array_equal(out[:, :, :8], kept.numpy()[:, :, :8].repeat(2, 0))
-
-
-def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '5', '--batch_size', '2', '--num_steps', '16']
-    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
-    first = np.load(tmp_path / 'a.npz')['arr_0']
-    assert sorted(p.name for p in (tmp_path / 'a').glob('batch_*.npz')) == [f'batch_0000{k}.npz' for k in range(3)]
-    assert len(list((tmp_path / 'a' / 'images').glob('*.png'))) == 5
-    (tmp_path / 'a' / 'batch_00001.npz').unlink()  # as if killed while sampling batch 1
-    kept = (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns
-    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
-    assert (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns == kept
-    assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], first)  # the same images: per-batch seeds
-
-
-def test_two_process_sampling_writes_the_images_of_one_process(tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '6', '--batch_size', '2', '--num_steps', '16']
-    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'one.npz')]))
-    run_two_processes(ddp_worker, 'sample', argv + ['--out', str(tmp_path / 'two.npz')])
-    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
-    assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
-
-
-def test_figures_command_writes_the_similarity_and_attention_pngs(tmp_path):
-    run_train(tmp_path, '--max_steps', '1')
-    Image.fromarray(tokenizers.make_shapes(1, seed=3)[0][0].numpy()).save(tmp_path / 'image.png')
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--figures',
-                                                str(tmp_path / 'image.png'), '--out', str(tmp_path / 'figs')]))
-    for name in ('similarity', 'attention'):  # the image, then one map per reference token, 12 px per token
-        assert Image.open(tmp_path / 'figs' / f'{name}.png').size == (4 * 16 * 12, 16 * 12)
-
-
-def test_last_layer_attention_covers_exactly_the_tokens_read_before():
-    model = tiny_model()
-    w = sample.last_layer_attention(model, torch.randint(512, (1, N)), torch.tensor([3]))  # (N - 1, N)
-    assert torch.equal(w.triu(1), torch.zeros_like(w))  # after reading position p: positions 0..p only
-    assert (w.sum(1) < 1).all() and (w.sum(1) > 0).all()  # the rest goes to the class token
-
-
-def test_sampling_bench_reports_speed_flops_and_mfu(tmp_path, capsys):
-    run_train(tmp_path, '--max_steps', '1')
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--bench', '--batch_size', '2',
-                                                '--num_steps', '16']))
-    assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps; [\d.]+ GFLOP per image; MFU -',
-                     capsys.readouterr().out)
-
-
-def test_sampling_bench_counts_the_operators_and_the_time_of_each_part_per_step(tmp_path, capsys):
-    run_train(tmp_path, '--max_steps', '1', '--tokenizer', 'pixel_patch')
-    sample_cli('--ckpt', tmp_path / 'ckpt.pt', '--bench', '--batch_size', 2, '--num_steps', 16, '--diffusion_steps', 10)
-    line = capsys.readouterr().out.splitlines()[-1]
-    ops = int(re.search(r'aten operators per step: (\d+) eager', line).group(1))
-    assert 10 * 10 < ops < 10 * 100  # 16 tokens a step, 10 diffusion steps of a few dozen operators each
-    ms = dict(re.findall(r'(backbone|head|token head|other) ([\d.]+)', line))
-    assert set(ms) == {'backbone', 'head', 'token head', 'other'} and float(ms['token head']) > 0
-
-
-# -----------------------------------------------------------------------------
-# the GPU's code paths on the CPU: bf16 autocast (--amp) and torch.compile (inductor), as CUDA runs them
-
-def test_the_kv_cache_stores_keys_in_the_dtype_they_come_in():
-    # a CUDA run samples the final grid outside autocast (fp32 keys) and evaluates inside it (bf16 keys)
-    model = tiny_model()
-    t = model.transformer
-    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
-        t.setup_cache(2, N)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-            t.prefill(torch.tensor([0, 1]))
-            t.decode(torch.tensor([[3], [4]]), torch.tensor([[5], [6]]), torch.tensor([1]))
-        assert t.blocks[0].attn.cache.k.dtype == dtype
-        t.clear_cache()
-
-
-@pytest.mark.parametrize('mode', ['sequential', 'parallel', 'confidence', 'inpainting'])
-def test_bf16_sampling_with_the_kv_cache_fills_the_grid_in_every_mode(mode):
-    model = tiny_model()
-    given = torch.randint(512, (2, N))
-    keep = (torch.arange(N) % G < 3).expand(2, N)  # the first 3 columns
-    kw = dict(sequential={}, parallel=dict(num_steps=16), confidence=dict(num_steps=16, position_order='confidence'),
-              inpainting=dict(prefix=(given, keep)))[mode]
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = generate(model, torch.tensor([0, 7]), 'random', torch.Generator().manual_seed(0), **kw)
-    assert out.shape == (2, N) and 0 <= out.min() and out.max() < 512
-    if mode == 'inpainting':
-        assert torch.equal(out[keep], given[keep])
-
-
-def test_bf16_training_end_of_run_grid_and_evaluation_run_on_the_cpu(tmp_path):
-    # --amp on a CPU: the training step, the samples.png grid and --eval_every in bf16, as on a GPU
-    run_train(tmp_path, '--amp', '--max_steps', '2', '--num_samples', '2', '--eval_every', '2', '--eval_images', '4')
-    log = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
-    assert all(math.isfinite(r['loss']) for r in log if 'loss' in r) and 'fd' in log[-1]
-    assert (tmp_path / 'samples.png').is_file()
-
-
-def test_a_raster_trained_2d_model_samples_in_the_order_asked_for():
-    model = tiny_model()
-    raster = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0))
-    randomly = generate(model, torch.tensor([0]), 'raster', torch.Generator().manual_seed(0), position_order='random')
-    assert not torch.equal(raster, randomly)  # another order conditions each token on other tokens
-
-
-def test_compiled_training_takes_the_steps_of_eager_training(tmp_path):
-    # fusion reorders fp32 sums (~1e-7 relative per op), so three steps of a tiny model agree to ~1e-6; a wrong
-    # compiled graph (a lost mask, a stale cache) moves the loss by far more than the 1e-4 allowed here
-    eager = run_train(tmp_path / 'eager', '--max_steps', '3')
-    compiled = run_train(tmp_path / 'compiled', '--max_steps', '3', '--compile')
-    losses = [[json.loads(line)['loss'] for line in open(tmp_path / run / 'log.jsonl')]
-              for run in ('eager', 'compiled')]
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
-    for name, p in eager['model'].items():  # the checkpoint holds the uncompiled module's names
-        q = compiled['model'][name]
-        if name.endswith('qkv.bias'):  # the key bias adds one constant to a row of scores, which softmax ignores:
-            # its gradient is rounding noise that Adam scales up to steps as large as the value, so skip it
-            p, q = p.view(3, -1)[0::2], q.view(3, -1)[0::2]
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_compiled_sampling_decodes_in_parallel_by_confidence_and_benches(tmp_path, capsys):
-    run_train(tmp_path, '--max_steps', '1')
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--compile', '--bench',
-                                                '--batch_size', '2', '--num_steps', '16',
-                                                '--position_order', 'confidence']))
-    assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps', capsys.readouterr().out)
-
-
-# -----------------------------------------------------------------------------
-# GPU acceptance: python -m pytest -q -m gpu (skipped without CUDA). Each test prints what it measured on a line
-# that starts with 'GPU |'; the README's GPU table is filled from those lines.
-
-def gpu(test):
-    """Selected by -m gpu (pytest.ini leaves them out of the default run), skipped without CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')(test))
-
-
-def report(capsys, line):
-    with capsys.disabled():
-        print(f"\nGPU | {line}", flush=True)
-
-
-def gpu_train(capsys, tmp_path, flags, steps=10):
-    """train.py --bench on random tokens of the paper's shapes (--data random): bf16, fused AdamW; its bench line."""
-    capsys.readouterr()
-    train.main(train.get_parser().parse_args(['--data', 'random', '--out_dir', str(tmp_path), '--bench',
-                                              '--bench_warmup', '3', '--bench_steps', str(steps), *flags]))
-    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith('bench:'))
-
-
-@gpu
-@pytest.mark.parametrize('flags', ['--size B --tokenizer vae', '--size L --tokenizer vae',
-                                   '--size L --tokenizer vae --head local --window 16 --density 16',
-                                   '--size B --tokenizer vq', '--size B --tokenizer vae --compile',
-                                   '--size L --tokenizer vae --compile'])
-def test_gpu_bf16_training_step_throughput_and_mfu(flags, tmp_path, capsys):
-    line = gpu_train(capsys, tmp_path, shlex.split(flags) + ['--batch_size', '64'])
-    report(capsys, f"train {flags} --batch_size 64 | {line}")
-
-
-@gpu
-@pytest.mark.parametrize('size', ['B', 'L', 'H'])
-@pytest.mark.parametrize('checkpointing', ['--no-grad_checkpointing', '--grad_checkpointing'])
-def test_gpu_peak_memory_at_64_images_per_gpu(size, checkpointing, tmp_path, capsys):
-    try:
-        line = gpu_train(capsys, tmp_path, ['--size', size, '--tokenizer', 'vae', '--batch_size', '64', checkpointing],
-                         steps=2)
-    except torch.cuda.OutOfMemoryError:
-        line = f"out of memory ({torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.0f} GiB)"
-    torch.cuda.empty_cache()
-    report(capsys, f"memory --size {size} {checkpointing} --batch_size 64 | {line}")
-
-
-@gpu
-@pytest.mark.parametrize('head', ['global', 'local'])
-def test_gpu_attention_takes_a_fused_kernel_in_the_backbone_the_head_and_the_cached_decode_step(head):
-    # inside sdpa_kernel(flash, memory-efficient) PyTorch raises 'No available kernel' rather than fall back to
-    # the math kernel, so each call below ran fused
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    torch.manual_seed(0)
-    model = Heptapod(16384, 1000, 16, **{k: SIZES['B'][k] for k in ('n_layer', 'n_embd', 'n_head')}, head=head,
-                     window=16 if head == 'local' else None).cuda().eval()
-    g = torch.Generator('cuda').manual_seed(0)
-    idx, labels = torch.randint(16384, (4, 256), device='cuda'), torch.arange(4, device='cuda')
-    orders, prefix_lens = make_orders(4, 256, 'random', g), sample_prefix_lens(4, 2, 256, g)
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16), \
-            sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        h = model.transformer(take(idx, orders)[:, :-1], labels, orders[:, :-1])  # causal
-        model.head(h, orders, prefix_lens)  # bidirectional (global) or cross-attention with a mask (local)
-        t = model.transformer
-        t.setup_cache(4, 256)
-        t.prefill(labels)
-        t.decode(idx[:, :1], orders[:, :1], torch.tensor([1], device='cuda'))  # attends through a cache mask
-        t.clear_cache()
-
-
-@gpu
-def test_gpu_torchrun_with_nccl_trains_and_checkpoints(tmp_path, capsys):
-    run = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=1', 'train.py', '--data', 'random',
-                          '--tokenizer', 'vq', '--size', 'small', '--batch_size', '8', '--max_steps', '3',
-                          '--log_interval', '1', '--num_samples', '0', '--out_dir', str(tmp_path)],
-                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 3
-    report(capsys, f"torchrun --nproc_per_node=1 (NCCL) | {run.stdout.strip().splitlines()[-1]}")
-
-
-@gpu
-def test_gpu_compiled_training_and_sampling(tmp_path, capsys):
-    flags = ['--size', 'small', '--batch_size', '16', '--max_steps', '5', '--log_interval', '1', '--num_samples', '0']
-    for compiled in ('--no-compile', '--compile'):
-        train.main(train.get_parser().parse_args(flags + [compiled, '--out_dir', str(tmp_path / compiled)]))
-    losses = [[json.loads(line)['loss'] for line in open(tmp_path / c / 'log.jsonl')]
-              for c in ('--no-compile', '--compile')]
-    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)  # bf16: ~3 significant digits
-    capsys.readouterr()
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / '--compile' / 'ckpt.pt'), '--compile',
-                                                '--bench', '--batch_size', '64', '--num_steps', '16',
-                                                '--position_order', 'confidence']))
-    report(capsys, f"compiled sampling, small, 16 steps by confidence | {capsys.readouterr().out.strip()}")
-
-
-@gpu
-@pytest.mark.parametrize('steps', [256, 64])
-def test_gpu_sampling_throughput_of_B_at_batch_256(steps, tmp_path, capsys, vae_file):
-    run = tmp_path / 'run'
-    train.main(train.get_parser().parse_args(['--data', 'random', '--tokenizer', 'vae', '--size', 'B', '--batch_size',
-                                              '8', '--max_steps', '1', '--num_samples', '0', '--out_dir', str(run)]))
-    capsys.readouterr()
-    sample.main(sample.get_parser().parse_args(['--ckpt', str(run / 'ckpt.pt'), '--tokenizer_ckpt', str(vae_file[0]),
-                                                '--bench', '--batch_size', '256', '--num_steps', str(steps)]))
-    report(capsys, f"sample --size B --tokenizer vae --batch_size 256 --num_steps {steps} | "
-                   f"{capsys.readouterr().out.strip()}")
-
-
-# -----------------------------------------------------------------------------
-# fid.py. The published Inception weights cannot be downloaded here, so the network runs with random weights
-# saved under the published key names. The oracle tests against pytorch-fid and torch-fidelity skip when those
-# packages are not installed (pip install pytorch-fid torch-fidelity to run them; both matched to 0.0 in pool3).
+# fid.py. The published Inception weights cannot be downloaded here, so the network runs with random weights saved
+# under the published key names. The oracle tests against pytorch-fid and torch-fidelity skip when those packages are
+# not installed (pip install pytorch-fid torch-fidelity to run them; both matched to 0.0 in pool3).
 
 def random_inception(seed=0):
     """FIDInception with random weights that keep activations O(1) through its 94 convolutions (He init and
@@ -1915,9 +1025,6 @@ def tiny_fid(monkeypatch):
     monkeypatch.setattr(fid, 'preprocess', cheap_preprocess)
 
 
-# -----------------------------------------------------------------------------
-# the network and its weights
-
 def test_inception_has_the_published_state_dict_keys_and_shapes():
     sd = fid.FIDInception().state_dict()
     assert len(sd) == 566  # 94 conv+BN units x 6 keys (with num_batches_tracked) + fc.weight, fc.bias
@@ -1976,9 +1083,6 @@ def test_spatial_features_are_the_first_7_channels_of_mixed_6d_1x1_branch_in_hwc
     assert pool.std() > 0.1 and spatial.std() > 0.1  # the random network is not degenerate
 
 
-# -----------------------------------------------------------------------------
-# preprocessing
-
 def tf1_resize_by_hand(img, out_size):
     """TF 1's ResizeBilinear (align_corners=False) written out per pixel: in = out_index * (in_size / out_size)
     in float32, lo = floor(in), hi = min(lo + 1, in_size - 1), interpolate along x, then y."""
@@ -2012,9 +1116,6 @@ def test_tf1_preprocessing_of_a_299_image_is_exactly_x_minus_128_over_128():
     x = fid.preprocess(images, 'tf1')
     assert torch.equal(x, (images.permute(0, 3, 1, 2).float() - 128) / 128)
 
-
-# -----------------------------------------------------------------------------
-# metrics
 
 def test_frechet_distance_equals_the_closed_form_for_diagonal_gaussians():
     g = np.random.default_rng(0)
@@ -2091,33 +1192,6 @@ def test_precision_recall_match_a_brute_force_count():
     assert fid.precision_recall(real, fake, k=3, max_block=100) == pytest.approx((precision, recall))  # 2-3 rows
 
 
-# -----------------------------------------------------------------------------
-# image sets, reference batches and the command line
-
-def test_stats_round_trip_through_save_stats_and_the_cli_prints_each_metric(tmp_path, inception_weights, capsys, monkeypatch):
-    images = random_images(4, 32)  # 4 images: precision/recall with k = 3 need more than 3
-    samples, out = str(tmp_path / 'samples.npz'), str(tmp_path / 'stats.npz')
-    np.savez(samples, arr_0=images, arr_1=np.arange(4))  # sample.py's layout
-    # scipy's sqrtm of a singular 2048x2048 product takes ~30 s on 2 cores and frechet_distance has its own
-    # tests: here we record the statistics compared, with a distance that is 0 when they are equal
-    compared = []
-    monkeypatch.setattr(fid, 'frechet_distance', lambda *s: compared.append(s) or
-                        np.abs(s[0] - s[2]).max() + np.abs(s[1] - s[3]).max())
-    run_fid(samples, samples, '--save_stats', out, '--inception', inception_weights)  # the samples against themselves
-    lines = dict(line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith(('/', 'wrote')))
-    assert list(lines) == ['FID', 'sFID', 'IS', 'precision', 'recall']
-    assert float(lines['FID']) == float(lines['sFID']) == 0 and float(lines['precision']) == float(lines['recall']) == 1
-    with np.load(out) as f:
-        saved = dict(f)
-    assert {k: v.shape for k, v in saved.items()} == {'arr_0': (4, 32, 32, 3), **fid.STATS_SHAPES}
-    assert np.array_equal(saved['arr_0'], images) and saved['sigma'].std() > 0 and saved['sigma_s'].std() > 0
-    (mu, sigma, _, _), (mu_s, sigma_s, _, _) = compared  # the samples' statistics in the FID and sFID
-    assert all(np.array_equal(saved[k], v) for k, v in dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s).items())
-    np.savez(tmp_path / 'stats_only.npz', **{k: saved[k] for k in fid.STATS_SHAPES})
-    ref, ref_pool = fid.load_reference(str(tmp_path / 'stats_only.npz'), model=None)  # read back, no images
-    assert ref_pool is None and all(np.array_equal(ref[k], saved[k]) for k in fid.STATS_SHAPES)
-
-
 @pytest.mark.parametrize('kind', ['stored', 'deflated', 'folder'])
 def test_image_sets_read_in_slices_give_the_whole_array_in_any_order(tmp_path, kind):
     images = random_images(10, 8)
@@ -2136,68 +1210,6 @@ def test_image_sets_read_in_slices_give_the_whole_array_in_any_order(tmp_path, k
     assert np.array_equal(parts[4], images[9:])
 
 
-MEMORY_CHILD = """
-import functools, sys
-import numpy as np
-import fid, test_heptapod as t
-fid.load_inception, fid.preprocess = lambda *a, **kw: t.TinyInception().eval(), t.cheap_preprocess
-fid.precision_recall = functools.partial(fid.precision_recall, max_block=2 ** 16)  # 256 KB distance blocks
-fid.main(fid.get_parser().parse_args([sys.argv[2]] * 2 + sys.argv[3:]))  # first calls allocate pools: not counted
-def peak():  # KiB. Not ru_maxrss: a child started by vfork and exec keeps its parent's (pytest's) in it
-    return int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))
-def reset():  # Linux: the peak RSS starts again from the current RSS
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    return peak()
-base = reset()
-fid.main(fid.get_parser().parse_args(sys.argv[1:]))
-print('streamed_kib', peak() - base)
-base = reset()
-with np.load(sys.argv[1]) as f:
-    images = f['arr_0']  # what fid.py did before: the whole array in memory
-print('whole_kib', peak() - base)
-"""
-
-
-def test_npz_larger_than_a_memory_cap_is_streamed_and_scores_as_the_in_memory_array(tmp_path, tiny_fid, monkeypatch):
-    if not os.access('/proc/self/clear_refs', os.W_OK):
-        pytest.skip('measuring the peak memory of a step needs Linux /proc/self/clear_refs')
-    low = np.random.default_rng(1).integers(0, 256, (6000, 8, 8, 3), dtype=np.uint8)
-    images, ref_images = low.repeat(8, 1).repeat(8, 2), random_images(300, 64, seed=2)  # (6000, 64, 64, 3): fast
-    np.savez(tmp_path / 'samples.npz', arr_0=images)  # 74 MB, stored (not compressed) as sample.py writes it
-    np.savez(tmp_path / 'ref.npz', arr_0=ref_images)
-    cap_kib = images.nbytes // 4 // 1024  # a quarter of the images; the run grows by 2 to 6 MB
-    # batches of 16: the allocator keeps a few freed batches resident, up to 30 MB at 64 (not growing with N)
-    argv = [str(tmp_path / 'samples.npz'), str(tmp_path / 'ref.npz'), '--batch_size', '16']
-    run = subprocess.run([sys.executable, '-c', MEMORY_CHILD, *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
-                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert run.returncode == 0, run.stderr
-    out = dict(line.split() for line in run.stdout.splitlines() if ':' not in line)
-    assert int(out.pop('streamed_kib')) < cap_kib  # fid.py's whole run: features, statistics, metrics
-    assert int(out.pop('whole_kib')) > images.nbytes // 1024 * 0.9  # the measurement sees an in-memory read
-    monkeypatch.setattr(fid, 'precision_recall', functools.partial(fid.precision_recall, max_block=2 ** 16))
-    tiny = TinyInception().eval()
-    ref_feats = fid.features(tiny, ref_images, batch_size=16)
-    expected = fid.metrics(fid.features(tiny, images, batch_size=16), fid.stats(ref_feats), ref_feats['pool'])
-    assert out == {fid.METRIC_NAMES[k]: f'{v:.4f}' for k, v in expected.items()}
-
-
-def test_fewer_than_2048_images_are_scored_with_a_one_line_warning(tmp_path, tiny_fid, capsys):
-    np.savez(tmp_path / 's.npz', arr_0=random_images(8, 16))
-    run_fid(str(tmp_path / 's.npz'), '--save_stats', str(tmp_path / 'ref.npz'))
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith('warning: ') and '8 images' in err[0] and '2048' in err[0]
-
-
-def test_bench_reports_images_per_second_with_random_weights_when_the_file_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fid, 'FIDInception', TinyInception)  # the test checks the report, not the speed
-    monkeypatch.setattr(fid, 'BENCH_SECONDS', 0)  # one timed batch
-    run_fid('--bench', '4', '--inception', str(tmp_path / 'missing.pth'))
-    out = capsys.readouterr().out
-    assert re.match(r'bench: [0-9.]+ images/s at batch 4 on cpu .*random weights: no .*missing\.pth', out)
-    assert os.listdir(tmp_path) == []
-
-
 def test_image_folder_is_read_recursively_and_needs_one_size(tmp_path):
     images = random_images(3, 16)
     os.makedirs(tmp_path / 'a' / 'b')
@@ -2211,27 +1223,6 @@ def test_image_folder_is_read_recursively_and_needs_one_size(tmp_path):
     with pytest.raises(SystemExit, match='sizes'):
         fid.load_images(str(tmp_path))
 
-
-@pytest.mark.parametrize('arrays,match', [
-    ({'images': np.zeros((2, 8, 8, 3), np.uint8)}, "no 'arr_0'"),  # wrong key
-    ({'arr_0': np.zeros((2, 8, 8, 3), np.float32)}, 'uint8'),  # wrong dtype
-    ({'arr_0': np.zeros((2, 3, 8, 8), np.uint8)}, r'\(N, H, W, 3\)'),  # NCHW
-])
-def test_bad_sample_npz_is_a_clear_one_line_error(tmp_path, arrays, match):
-    np.savez(tmp_path / 's.npz', **arrays)
-    with pytest.raises(SystemExit, match=match) as e:
-        fid.load_images(str(tmp_path / 's.npz'))
-    assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
-
-
-def test_reference_with_wrongly_shaped_statistics_is_a_clear_error(tmp_path):
-    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.zeros((2048, 10)))
-    with pytest.raises(SystemExit, match="'sigma'"):
-        fid.load_reference(str(tmp_path / 'ref.npz'), model=None)
-
-
-# -----------------------------------------------------------------------------
-# oracles: pytorch-fid and torch-fidelity with the same random weights (skipped when not installed)
 
 def test_tf1_features_match_torch_fidelity(inception_weights):
     extractor = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
@@ -2306,6 +1297,403 @@ def test_small_image_metric_scores_a_trained_model_better_than_an_untrained_one(
     assert trained['fd'] < untrained['fd'] / 3 and trained['class_acc'] > untrained['class_acc']
 
 
+@cli
+def test_stats_round_trip_through_save_stats_and_the_cli_prints_each_metric(tmp_path, inception_weights, capsys, monkeypatch):
+    images = random_images(4, 32)  # 4 images: precision/recall with k = 3 need more than 3
+    samples, out = str(tmp_path / 'samples.npz'), str(tmp_path / 'stats.npz')
+    np.savez(samples, arr_0=images, arr_1=np.arange(4))  # sample.py's layout
+    # scipy's sqrtm of a singular 2048x2048 product takes ~30 s on 2 cores and frechet_distance has its own
+    # tests: here we record the statistics compared, with a distance that is 0 when they are equal
+    compared = []
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *s: compared.append(s) or
+                        np.abs(s[0] - s[2]).max() + np.abs(s[1] - s[3]).max())
+    run_fid(samples, samples, '--save_stats', out, '--inception', inception_weights)  # the samples against themselves
+    lines = dict(line.split() for line in capsys.readouterr().out.splitlines() if not line.startswith(('/', 'wrote')))
+    assert list(lines) == ['FID', 'sFID', 'IS', 'precision', 'recall']
+    assert float(lines['FID']) == float(lines['sFID']) == 0 and float(lines['precision']) == float(lines['recall']) == 1
+    with np.load(out) as f:
+        saved = dict(f)
+    assert {k: v.shape for k, v in saved.items()} == {'arr_0': (4, 32, 32, 3), **fid.STATS_SHAPES}
+    assert np.array_equal(saved['arr_0'], images) and saved['sigma'].std() > 0 and saved['sigma_s'].std() > 0
+    (mu, sigma, _, _), (mu_s, sigma_s, _, _) = compared  # the samples' statistics in the FID and sFID
+    assert all(np.array_equal(saved[k], v) for k, v in dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s).items())
+    np.savez(tmp_path / 'stats_only.npz', **{k: saved[k] for k in fid.STATS_SHAPES})
+    ref, ref_pool = fid.load_reference(str(tmp_path / 'stats_only.npz'), model=None)  # read back, no images
+    assert ref_pool is None and all(np.array_equal(ref[k], saved[k]) for k in fid.STATS_SHAPES)
+
+
+MEMORY_CHILD = """
+import functools, sys
+import numpy as np
+import fid, test_heptapod as t
+fid.load_inception, fid.preprocess = lambda *a, **kw: t.TinyInception().eval(), t.cheap_preprocess
+fid.precision_recall = functools.partial(fid.precision_recall, max_block=2 ** 16)  # 256 KB distance blocks
+fid.main(fid.get_parser().parse_args([sys.argv[2]] * 2 + sys.argv[3:]))  # first calls allocate pools: not counted
+def peak():  # KiB. Not ru_maxrss: a child started by vfork and exec keeps its parent's (pytest's) in it
+    return int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))
+def reset():  # Linux: the peak RSS starts again from the current RSS
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return peak()
+base = reset()
+fid.main(fid.get_parser().parse_args(sys.argv[1:]))
+print('streamed_kib', peak() - base)
+base = reset()
+with np.load(sys.argv[1]) as f:
+    images = f['arr_0']  # what fid.py did before: the whole array in memory
+print('whole_kib', peak() - base)
+"""
+
+
+@cli
+def test_npz_larger_than_a_memory_cap_is_streamed_and_scores_as_the_in_memory_array(tmp_path, tiny_fid, monkeypatch):
+    if not os.access('/proc/self/clear_refs', os.W_OK):
+        pytest.skip('measuring the peak memory of a step needs Linux /proc/self/clear_refs')
+    low = np.random.default_rng(1).integers(0, 256, (6000, 8, 8, 3), dtype=np.uint8)
+    images, ref_images = low.repeat(8, 1).repeat(8, 2), random_images(300, 64, seed=2)  # (6000, 64, 64, 3): fast
+    np.savez(tmp_path / 'samples.npz', arr_0=images)  # 74 MB, stored (not compressed) as sample.py writes it
+    np.savez(tmp_path / 'ref.npz', arr_0=ref_images)
+    cap_kib = images.nbytes // 4 // 1024  # a quarter of the images; the run grows by 2 to 6 MB
+    # batches of 16: the allocator keeps a few freed batches resident, up to 30 MB at 64 (not growing with N)
+    argv = [str(tmp_path / 'samples.npz'), str(tmp_path / 'ref.npz'), '--batch_size', '16']
+    run = subprocess.run([sys.executable, '-c', MEMORY_CHILD, *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert run.returncode == 0, run.stderr
+    out = dict(line.split() for line in run.stdout.splitlines() if ':' not in line)
+    assert int(out.pop('streamed_kib')) < cap_kib  # fid.py's whole run: features, statistics, metrics
+    assert int(out.pop('whole_kib')) > images.nbytes // 1024 * 0.9  # the measurement sees an in-memory read
+    monkeypatch.setattr(fid, 'precision_recall', functools.partial(fid.precision_recall, max_block=2 ** 16))
+    tiny = TinyInception().eval()
+    ref_feats = fid.features(tiny, ref_images, batch_size=16)
+    expected = fid.metrics(fid.features(tiny, images, batch_size=16), fid.stats(ref_feats), ref_feats['pool'])
+    assert out == {fid.METRIC_NAMES[k]: f'{v:.4f}' for k, v in expected.items()}
+
+
+@cli
+def test_fewer_than_2048_images_are_scored_with_a_one_line_warning(tmp_path, tiny_fid, capsys):
+    np.savez(tmp_path / 's.npz', arr_0=random_images(8, 16))
+    run_fid(str(tmp_path / 's.npz'), '--save_stats', str(tmp_path / 'ref.npz'))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: ') and '8 images' in err[0] and '2048' in err[0]
+
+
+@cli
+def test_bench_reports_images_per_second_with_random_weights_when_the_file_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, 'FIDInception', TinyInception)  # the test checks the report, not the speed
+    monkeypatch.setattr(fid, 'BENCH_SECONDS', 0)  # one timed batch
+    run_fid('--bench', '4', '--inception', str(tmp_path / 'missing.pth'))
+    out = capsys.readouterr().out
+    assert re.match(r'bench: [0-9.]+ images/s at batch 4 on cpu .*random weights: no .*missing\.pth', out)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('arrays,match', [
+    ({'images': np.zeros((2, 8, 8, 3), np.uint8)}, "no 'arr_0'"),  # wrong key
+    ({'arr_0': np.zeros((2, 8, 8, 3), np.float32)}, 'uint8'),  # wrong dtype
+    ({'arr_0': np.zeros((2, 3, 8, 8), np.uint8)}, r'\(N, H, W, 3\)'),  # NCHW
+])
+def test_bad_sample_npz_is_a_clear_one_line_error(tmp_path, arrays, match):
+    np.savez(tmp_path / 's.npz', **arrays)
+    with pytest.raises(SystemExit, match=match) as e:
+        fid.load_images(str(tmp_path / 's.npz'))
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
+
+
+def test_reference_with_wrongly_shaped_statistics_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.zeros((2048, 10)))
+    with pytest.raises(SystemExit, match="'sigma'"):
+        fid.load_reference(str(tmp_path / 'ref.npz'), model=None)
+
+
+# -----------------------------------------------------------------------------
+# the command lines: the cache (tokenizers.py cache)
+
+def make_image_folder(root, per_class=3):
+    for c in ('cats', 'dogs'):
+        os.makedirs(root / c)
+        for i in range(per_class):
+            arr = np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f'{i}.png')
+
+
+def argparse_cache(data, out, *flags):
+    return tokenizers.get_parser().parse_args(['cache', '--data', str(data), '--out', str(out), '--workers', '0',
+                                               *flags])
+
+
+def grey_levels_folder(root, levels=17, per_class=3, size=8):
+    """An image folder of grey images with `levels` grey levels (as digits or scans): few colours."""
+    rng = np.random.default_rng(0)
+    for c in ('a', 'b'):
+        os.makedirs(root / c)
+        for i in range(per_class):
+            grey = (rng.integers(0, levels, (size, size)) * (255 // (levels - 1))).astype(np.uint8)
+            Image.fromarray(grey).save(root / c / f'{i}.png')
+
+
+def snapshot_of(root):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.iterdir()}
+
+
+def png_claiming(path, width, height):
+    """A 1x1 PNG whose header is rewritten to claim width x height pixels."""
+    Image.new('RGB', (1, 1)).save(path)
+    png = bytearray(path.read_bytes())
+    png[16:24] = width.to_bytes(4, 'big') + height.to_bytes(4, 'big')  # IHDR data: width, height, ...
+    png[29:33] = zlib.crc32(png[12:29]).to_bytes(4, 'big')  # IHDR's CRC, over its type and data
+    path.write_bytes(png)
+
+
+def cache_worker(rank, world_size, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    start = tokenizers.start_cache  # rank 0 begins the cache a second late, as on a loaded machine: rank 1 must wait
+    tokenizers.start_cache = lambda *a: (time.sleep(1), start(*a))
+    tokenizers.cache(tokenizers.get_parser().parse_args(argv))
+
+
+@cli
+def test_image_folder_caches_trains_and_samples(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    (tmp_path / 'images' / 'dogs' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'images' / 'dogs' / 'broken.png').write_bytes(b'not a png')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache')
+    tokenizers.cache(args)
+    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert tokens[np.arange(6)].shape == (6, 2, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # 2 bad skipped
+    assert meta['classes'] == ['cats', 'dogs'] and meta['vocab_size'] == 512
+    ckpt = run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--max_steps', '2', '--batch_size', '2')
+    assert ckpt['data_meta']['num_classes'] == 2 and ckpt['step'] == 2
+
+
+@cli
+def test_image_folder_is_cached_with_mirrors_and_unreadable_files_are_reported(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images')
+    (tmp_path / 'images' / 'dogs' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'images' / 'dogs' / 'broken.png').write_bytes(b'not a png')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '4'))
+    err = capsys.readouterr().err
+    assert 'skipping' in err and 'notes.txt' in err and 'broken.png' in err
+    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['num_shards'] == 2 and len(tokens) == 6
+    rows = tokens[np.arange(6)]  # (6, 2, 16, 16) across both shards
+    assert np.array_equal(rows[:, 1], rows[:, 0, :, ::-1])  # the second entry is the mirrored image
+
+
+@cli
+def test_a_folder_of_few_colours_round_trips_exactly_and_its_samples_are_drawn_in_its_palette(tmp_path):
+    grey_levels_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--image_size', '8'))
+    tokens, _, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['palette'] == 'fit' and meta['vocab_size'] == len(meta['colours']) == 17
+    tok = tokenizers.make_tokenizer('pixel', colours=meta['colours'])
+    paths, _, _ = tokenizers.list_image_folder(str(tmp_path / 'images'))
+    crops = np.stack([tokenizers.ImageFiles(paths, [0] * 6, 8)[i][0] for i in range(6)])  # (6, 8, 8, 3)
+    assert np.array_equal(tok.decode(torch.from_numpy(tokens[np.arange(6)][:, 0].astype(np.int64))).numpy(), crops)
+    run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--max_steps', '1', '--batch_size', '2')
+    sample_cli('--ckpt', tmp_path / 'run' / 'ckpt.pt', '--num_images', 2, '--out', tmp_path / 's.npz')
+    colours = {tuple(c) for c in np.load(tmp_path / 's.npz')['arr_0'].reshape(-1, 3)}
+    assert colours <= {tuple(c) for c in meta['colours']}  # decoded with the checkpoint's palette
+
+
+@cli
+def test_killed_cache_run_continues_and_never_rewrites_a_finished_shard(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / 'images')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2')  # 3 shards
+    real_save = tokenizers.save_array
+
+    def killed_at_shard_1(path, array):
+        if 'tokens_00001' in path:
+            raise KeyboardInterrupt
+        real_save(path, array)
+    monkeypatch.setattr(tokenizers, 'save_array', killed_at_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        tokenizers.cache(args)
+    first = tmp_path / 'cache' / 'tokens_00000.npy'
+    assert first.exists() and not (tmp_path / 'cache' / 'labels_00001.npy').exists()
+    with pytest.raises(SystemExit, match='not written yet'):  # training refuses an unfinished cache
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+    written = first.stat().st_mtime_ns
+    monkeypatch.setattr(tokenizers, 'save_array', real_save)
+    tokenizers.cache(args)
+    assert first.stat().st_mtime_ns == written
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@cli
+@pytest.mark.parametrize('flags,differs', [
+    (['--palette', 'cube'], 'palette fit -> cube'),
+    (['--palette_size', '64'], 'palette_size 512 -> 64'),
+    (['--image_size', '32'], 'image_size 16 -> 32'),
+    (['--tokenizer', 'pixel_patch', '--image_size', '32'], 'tokenizer pixel -> pixel_patch'),
+    (['--shard_size', '4'], 'shard_size 10000 -> 4'),
+])
+def test_rerunning_cache_with_other_flags_into_its_out_is_refused_and_changes_nothing(flags, differs, tmp_path):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    before = snapshot_of(tmp_path / 'cache')
+    with pytest.raises(SystemExit, match=re.escape(differs) + '.*another --out, or add --rebuild') as e:
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', *flags))
+    assert '\n' not in str(e.value) and snapshot_of(tmp_path / 'cache') == before
+
+
+@cli
+def test_rerunning_cache_after_a_class_folder_was_added_is_refused_and_rebuild_relabels(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    os.makedirs(tmp_path / 'images' / 'birds')  # sorts first: every label moves up by one
+    Image.new('RGB', (20, 20), 'blue').save(tmp_path / 'images' / 'birds' / '0.png')
+    with pytest.raises(SystemExit, match='num_classes 2 -> 3'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--rebuild'))
+    _, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['classes'] == ['birds', 'cats', 'dogs'] and labels.tolist() == [0, 1, 1, 1, 2, 2, 2]
+
+
+@cli
+def test_rerunning_cache_over_changed_image_files_is_refused(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    Image.new('RGB', (50, 50), 'red').save(tmp_path / 'images' / 'cats' / '0.png')  # same name, other file
+    with pytest.raises(SystemExit, match='files_sha256'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+
+
+@cli
+def test_rerunning_cache_with_other_tokenizer_weights_is_refused(vq_file, tmp_path):
+    make_image_folder(tmp_path / 'images')
+    shutil.copy(vq_file[0], tmp_path / 'other_vq.pt')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', 'vq',
+                                    '--ckpt', str(vq_file[0])))
+    with pytest.raises(SystemExit, match=re.escape(f"ckpt {vq_file[0]} -> {tmp_path / 'other_vq.pt'}")):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', 'vq',
+                                        '--ckpt', str(tmp_path / 'other_vq.pt')))
+
+
+@cli
+@pytest.mark.parametrize('change,match', [
+    (dict(image_size=32, grid_size=32), 'tokens_00000.npy holds uint16 tokens (2, 16, 16), not the uint16 32x32'),
+    (dict(tokenizer='pixel_patch', vocab_size=None, token_dim=12), 'not the float16 16x16 grids'),
+    (dict(classes=['cats', 'dogs', 'zebras'], num_classes=3), 'no image of class zebras'),
+    (dict(classes=['cats'], num_classes=1), 'labels beyond the 1 classes'),
+])
+def test_loading_refuses_a_cache_whose_shards_disagree_with_its_meta(change, match, tmp_path):
+    # what the old `cache` left after a rerun with another --image_size, --tokenizer or class folders
+    make_image_folder(tmp_path / 'images')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    meta = json.loads((tmp_path / 'cache' / 'meta.json').read_text())
+    meta = {k: v for k, v in dict(meta, **change).items() if v is not None}
+    (tmp_path / 'cache' / 'meta.json').write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match=re.escape(match)):
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+
+
+@cli
+def test_a_huge_image_header_and_a_shard_of_unreadable_files_are_skipped_with_the_reason(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images', per_class=2)
+    png_claiming(tmp_path / 'images' / 'cats' / 'x_huge.png', 20000, 20000)  # over Pillow's decompression-bomb limit
+    (tmp_path / 'images' / 'cats' / 'y_broken.png').write_bytes(b'not a png')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2'))  # shard 1: those two
+    err = capsys.readouterr().err
+    assert re.search(r'skipping \S*x_huge.png: Image size \(400000000 pixels\) exceeds limit', err)
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 1, 1] and tokens[np.arange(4)].shape == (4, 2, 16, 16)
+    assert np.load(tmp_path / 'cache' / 'tokens_00001.npy').shape == (0, 2, 16, 16)
+
+
+@cli
+def test_16_bit_and_float_images_are_cached_as_grey_and_out_of_range_ones_skipped(tmp_path, capsys):
+    make_image_folder(tmp_path / 'images', per_class=1)
+    Image.fromarray(np.full((20, 20), 0x8080, np.uint16)).save(tmp_path / 'images' / 'cats' / 'grey16.png')
+    Image.fromarray(np.full((20, 20), 128 / 255, np.float32)).save(tmp_path / 'images' / 'cats' / 'grey_float.tif')
+    Image.fromarray(np.full((20, 20), 128.0, np.float32)).save(tmp_path / 'images' / 'cats' / 'float255.tif')
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--palette', 'cube'))
+    assert re.search(r'skipping \S*float255.tif: .*only \[0, 1\] is read', capsys.readouterr().err)
+    tokens, labels, _ = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert labels.tolist() == [0, 0, 0, 1]  # cats: 0.png, grey16.png, grey_float.tif
+    grey = (4 << 6) | (4 << 3) | 4  # 128 in each channel: the top three bits 100
+    assert (tokens[np.arange(1, 3)] == grey).all()
+
+
+@cli
+def test_a_class_whose_every_file_is_unreadable_is_refused_naming_it(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    for i in range(3):
+        (tmp_path / 'images' / 'dogs' / f'{i}.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit, match='no image of class dogs'):
+        tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache'))
+    with pytest.raises(SystemExit, match='no image of class dogs'):  # training refuses it too
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+
+
+@cli
+@pytest.mark.parametrize('what', ['tokens', 'labels'])
+def test_a_truncated_shard_is_named_when_loading_and_re_encoded_by_rerunning_cache(what, tmp_path, capsys):
+    make_image_folder(tmp_path / 'images')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '4')
+    tokenizers.cache(args)
+    tokens = np.load(tmp_path / 'cache' / 'tokens_00000.npy')
+    shard = tmp_path / 'cache' / f'{what}_00000.npy'
+    shard.write_bytes(shard.read_bytes()[:150])  # a copy cut short
+    with pytest.raises(SystemExit, match=f'{what}_00000.npy is unreadable') as e:
+        tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert '\n' not in str(e.value)
+    tokenizers.cache(args)
+    assert 're-encoding shard 0' in capsys.readouterr().err
+    assert np.array_equal(tokenizers.load_dataset(str(tmp_path / 'cache'))[0][np.arange(4)], tokens)
+
+
+@cli
+@pytest.mark.parametrize('name', ['vq', 'vae'])
+def test_reconstruction_tokenizer_cache_trains_and_samples(name, vq_file, vae_file, tmp_path):
+    ckpt = str((vq_file if name == 'vq' else vae_file)[0])
+    make_image_folder(tmp_path / 'images')  # 40x30 images: centre-cropped to 32x32, a 2x2 token grid
+    tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--tokenizer', name,
+                                    '--ckpt', ckpt, '--image_size', '32'))
+    tokens, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['grid_size'] == 2 and meta['ckpt'] == ckpt
+    assert tokens[np.arange(6)].shape == ((6, 2, 2, 2) if name == 'vq' else (6, 2, 2, 2, 32))  # ids or moments
+    out = run_train(tmp_path / 'run', '--data', str(tmp_path / 'cache'), '--tokenizer', name,
+                    '--max_steps', '2', '--batch_size', '2', '--num_samples', '2')
+    assert out['step'] == 2 and (tmp_path / 'run' / 'samples.png').is_file()  # decoded with the cached weights
+
+
+@cli
+def test_two_process_cache_writes_meta_before_any_shard_and_rebuilds_under_torchrun(tmp_path):
+    make_image_folder(tmp_path / 'images', per_class=4)
+    argv = ['cache', '--data', str(tmp_path / 'images'), '--out', str(tmp_path / 'cache'), '--workers', '0',
+            '--shard_size', '2']  # 4 shards, 2 per rank
+    run_two_processes(cache_worker, argv)
+    meta, shards = tmp_path / 'cache' / 'meta.json', sorted((tmp_path / 'cache').glob('*_0000*.npy'))
+    assert len(shards) == 8 and all(meta.stat().st_mtime_ns <= p.stat().st_mtime_ns for p in shards)
+    os.makedirs(tmp_path / 'images' / 'birds')  # sorts first: every label moves up by one
+    Image.new('RGB', (20, 20), 'blue').save(tmp_path / 'images' / 'birds' / '0.png')
+    run_two_processes(cache_worker, argv + ['--rebuild'])  # rank 0 deletes before any rank writes
+    _, labels, meta = tokenizers.load_dataset(str(tmp_path / 'cache'))
+    assert meta['classes'] == ['birds', 'cats', 'dogs'] and labels.tolist() == [0] + [1] * 4 + [2] * 4
+
+
+@cli
+def test_a_full_disk_while_caching_stops_in_one_line_and_the_rerun_continues(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / 'images')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2')
+    real_save = np.save
+
+    def disk_full_at_shard_1(f, array):
+        if 'tokens_00001' in f.name:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        real_save(f, array)
+    monkeypatch.setattr(np, 'save', disk_full_at_shard_1)
+    with pytest.raises(SystemExit, match=r'^error: writing .*tokens_00001.npy: No space left on device; rerun'):
+        tokenizers.cache(args)
+    monkeypatch.undo()
+    assert not list((tmp_path / 'cache').glob('*.tmp'))
+    tokenizers.cache(args)
+    assert tokenizers.load_dataset(str(tmp_path / 'cache'))[1].tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_small_image_metric_of_a_class_sorted_cache_sees_every_class(tmp_path):
     # a cache is written class by class: the first 12,000 rows of 15,000 would miss the last two classes
     images, labels = tokenizers.make_shapes(15000, size=G, seed=0)
@@ -2315,6 +1703,321 @@ def test_small_image_metric_of_a_class_sorted_cache_sees_every_class(tmp_path):
     args = train.get_parser().parse_args(['--data', str(tmp_path)])
     metric = train.small_image_metric(args, tokens, labels.numpy(), dict(tokenizer='pixel', grid_size=G), tok)
     assert set(metric.train_labels) == set(range(10)) and metric.class_acc_real > 0.6
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(SystemExit, match='no such directory'):
+        tokenizers.list_image_folder(str(tmp_path / 'missing'))
+    os.makedirs(tmp_path / 'data' / 'empty_class')
+    with pytest.raises(SystemExit, match="class folder 'empty_class' has no image files"):
+        tokenizers.list_image_folder(str(tmp_path / 'data'))
+    (tmp_path / 'data' / 'empty_class' / '.DS_Store').write_bytes(b'\0')  # a file, but no image
+    with pytest.raises(SystemExit, match="class folder 'empty_class' has no image files"):
+        tokenizers.list_image_folder(str(tmp_path / 'data'))
+
+
+def test_tokenizers_help_shows_its_examples_with_their_line_continuations():
+    assert 'kl16.ckpt --data IMAGENET/train \\\n        --image_size 256' in tokenizers.get_parser().format_help()
+
+
+# -----------------------------------------------------------------------------
+# the command lines: training (train.py): DDP and accumulation, resume, checkpoints, logs, bench, evaluation
+
+def run_train(tmp_path, *flags):
+    args = train.get_parser().parse_args(['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--batch_size', '4',
+                                          '--log_interval', '1', '--num_samples', '0', '--out_dir', str(tmp_path),
+                                          *flags])
+    train.main(args)
+    return torch.load(os.path.join(tmp_path, 'ckpt.pt'), weights_only=True)
+
+
+def ddp_worker(rank, world_size, port, script, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    script = {'train': train, 'sample': sample}[script]  # by name: spawn pickles the arguments
+    script.main(script.get_parser().parse_args(argv))
+
+
+def run_two_processes(worker, *args):
+    """worker(rank, 2, port, *args) in 2 processes (ddp_worker: a script's main, as torchrun --nproc_per_node=2 runs
+    it, with gloo)."""
+    import socket
+    with socket.socket() as s:  # a free port on this machine for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(2, port, *args), nprocs=2)
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
+
+
+def hold_folder(folder):
+    """A process that holds folder's lock, as a run writing there does: (process, kill it with SIGKILL)."""
+    os.makedirs(folder, exist_ok=True)
+    code = (f"import fcntl, sys, time; f = open({str(folder / '.lock')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+            f"print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == 'held'
+    return p
+
+
+def readme_ablation_flags():
+    text = open(os.path.join(os.path.dirname(__file__), 'README.md')).read()
+    table = text[text.index('## Paper ablations as flags'):].split('\n## ')[0]
+    return [row.split('|')[3].strip().strip('`') for row in table.splitlines()
+            if row.startswith('| ') and '--' in row.split('|')[3]]
+
+
+@cli
+@pytest.mark.parametrize('flags', readme_ablation_flags())
+def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
+    args = train.get_parser().parse_args(shlex.split(flags) + [
+        '--size', 'tiny', '--batch_size', '2', '--max_steps', '2', '--warmup_steps', '1',
+        '--num_samples', '0', '--log_interval', '1', '--out_dir', str(tmp_path)])
+    args.epochs = args.warmup_epochs = None  # two steps, whatever the row's run length
+    train.main(args)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 2 and ckpt['args']['head'] == args.head
+
+
+@cli
+def test_dry_run_prints_parameters_and_flops_and_trains_nothing(tmp_path, capsys):
+    args = train.get_parser().parse_args(['--dry_run', '--size', 'B', '--out_dir', str(tmp_path)])
+    train.main(args)
+    out = capsys.readouterr().out
+    assert 'parameters total' in out and 'training FLOPs per image, total' in out
+    assert not (tmp_path / 'ckpt.pt').exists()
+
+
+def test_data_shards_of_ranks_are_disjoint_and_cover_the_epoch():
+    tokens, labels, _ = tokenizers.load_dataset('shapes', num_images=40)
+    args = train.get_parser().parse_args(['--batch_size', '5', '--global_batch_size', '10'])
+    seen = []
+    for rank in range(2):
+        for step in range(4):  # 40 images / 10 per global batch = 4 steps per epoch
+            idx, y = train.get_batch(tokens, labels, step, args, rank, 1)
+            assert idx.shape == (5, 2, 256)  # each image and its mirror
+            seen += [tuple(row[0].tolist()) for row in idx]
+    assert len(set(seen)) == len({tuple(t[0].flatten().tolist()) for t in torch.from_numpy(tokens.astype(np.int64))})
+
+
+@cli
+def test_two_process_gloo_run_reaches_the_parameters_of_one_process_with_the_same_global_batch(tmp_path):
+    flags = ['--batch_size', '2', '--global_batch_size', '4', '--max_steps', '3']
+    one = run_train(tmp_path / 'one', *flags)  # 1 process: 2 accumulation steps of 2 images
+    argv = ['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--num_samples', '0', '--log_interval', '1',
+            '--out_dir', str(tmp_path / 'two'), *flags]
+    run_two_processes(ddp_worker, 'train', argv)  # 2 processes of 2 images
+    two = torch.load(tmp_path / 'two' / 'ckpt.pt', weights_only=True)
+    assert two['step'] == one['step'] == 3
+    for name, p in one['model'].items():
+        torch.testing.assert_close(two['model'][name], p, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@cli
+def test_resume_continues_the_same_run(tmp_path, monkeypatch):
+    flags = ['--max_steps', '6', '--ckpt_interval', '3']
+    straight = run_train(tmp_path / 'a', *flags)
+    real_get_batch = train.get_batch
+
+    def crash_after_step_3(tokens, labels, step, *a):
+        if step == 4:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 3
+        return real_get_batch(tokens, labels, step, *a)
+    monkeypatch.setattr(train, 'get_batch', crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / 'b', *flags)
+    monkeypatch.setattr(train, 'get_batch', real_get_batch)
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 3
+    with open(tmp_path / 'b' / 'log.jsonl', 'a') as f:
+        f.write('{"step": 5, "lo')  # a line cut short by the kill
+    resumed = run_train(tmp_path / 'b', *flags, '--resume')
+    assert resumed['step'] == straight['step'] == 6
+    for key in ('model', 'ema'):
+        for name, p in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], p, atol=0, rtol=0, msg=f"{key}.{name}")
+    # step 4 was logged before the kill and again after the resume: the log keeps it once, and no cut line
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'b' / 'log.jsonl')] == [1, 2, 3, 4, 5, 6]
+
+
+@cli
+def test_resume_falls_back_to_the_newest_intact_checkpoint_when_ckpt_pt_is_truncated(tmp_path, capsys):
+    flags = ['--ckpt_interval', '1', '--keep_last', '2']
+    straight = run_train(tmp_path / 'a', '--max_steps', '4', *flags)
+    run_train(tmp_path / 'b', '--max_steps', '3', *flags)  # ckpt_0000002.pt, ckpt_0000003.pt = ckpt.pt
+    with open(tmp_path / 'b' / 'ckpt.pt', 'r+b') as f:
+        f.truncate(1000)  # a hard link: ckpt_0000003.pt is cut short too
+    resumed = run_train(tmp_path / 'b', '--max_steps', '4', *flags, '--resume')
+    assert 'ckpt.pt is unreadable' in capsys.readouterr().out
+    assert resumed['step'] == 4
+    for name, p in straight['model'].items():  # from step 2, the same steps 3 and 4 as the uninterrupted run
+        torch.testing.assert_close(resumed['model'][name], p, atol=0, rtol=0, msg=name)
+
+
+@cli
+def test_a_checkpoint_of_another_version_of_the_code_is_refused_in_one_line(tmp_path):
+    ckpt = run_train(tmp_path, '--max_steps', '1')
+    del ckpt['config']['init']  # as the versions before the key existed wrote them
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    for load in (lambda: sample.load_checkpoint(str(tmp_path / 'ckpt.pt')),
+                 lambda: run_train(tmp_path, '--max_steps', '2', '--resume')):
+        with pytest.raises(SystemExit, match=r"^error: .*ckpt.pt: written by another version of this code .*'init'") \
+                as e:
+            load()
+        assert '\n' not in str(e.value)
+
+
+@cli
+def test_nan_loss_from_scratch_says_that_no_checkpoint_was_written(tmp_path, monkeypatch):
+    real_forward = Heptapod.forward
+    monkeypatch.setattr(Heptapod, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
+    with pytest.raises(SystemExit, match='no checkpoint was written yet'):
+        run_train(tmp_path, '--max_steps', '2')
+    assert not list(tmp_path.glob('*.pt'))
+
+
+@cli
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run_train(tmp_path, '--max_steps', '2')
+    before = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    real_forward = Heptapod.forward
+    monkeypatch.setattr(Heptapod, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
+    with pytest.raises(SystemExit, match='loss nan'):
+        run_train(tmp_path, '--max_steps', '4', '--resume')
+    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert after['step'] == before['step'] == 2
+
+
+@cli
+def test_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    run_train(tmp_path, '--max_steps', '2')
+
+    def killed_while_writing(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, '--max_steps', '4', '--resume')
+    monkeypatch.undo()
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+    run_train(tmp_path, '--max_steps', '3', '--resume')  # the next run clears what the killed one left
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+@cli
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    run_train(tmp_path, '--max_steps', '2')
+
+    def disk_full(obj, f):
+        f.write(b'the first bytes')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(SystemExit, match='No space left on device; the previous checkpoints') as e:
+        run_train(tmp_path, '--max_steps', '4', '--resume')
+    monkeypatch.undo()
+    assert '\n' not in str(e.value) and not list(tmp_path.glob('*.tmp'))
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 2
+
+
+@cli
+def test_an_out_dir_that_cannot_be_written_fails_before_training(tmp_path, monkeypatch):
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, 'Read-only file system')
+    monkeypatch.setattr(tempfile, 'TemporaryFile', read_only)
+    with pytest.raises(SystemExit, match='cannot write there .Read-only file system'):
+        run_train(tmp_path, '--max_steps', '1')
+    assert not list(tmp_path.glob('*'))  # no step ran, nothing was written
+
+
+@cli
+def test_a_new_run_into_the_folder_of_another_is_refused_unless_it_resumes_or_overwrites(tmp_path):
+    run_train(tmp_path, '--max_steps', '2', '--ckpt_interval', '1')
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit, match=r'^error: --out_dir .* holds another run \(ckpt.pt, ckpt_0000001.pt, '
+                                         r'ckpt_0000002.pt, log.jsonl\); add --resume .*--overwrite'):
+        run_train(tmp_path, '--max_steps', '3', '--lr', '3e-4')
+    assert snapshot(tmp_path) == before
+    assert run_train(tmp_path, '--max_steps', '3', '--resume')['step'] == 3
+    fresh = run_train(tmp_path, '--max_steps', '1', '--overwrite')
+    assert fresh['step'] == 1 and sorted(p.name for p in tmp_path.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_0000001.pt']
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'log.jsonl')] == [1]
+
+
+@cli
+def test_a_folder_held_by_a_running_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    make_image_folder(tmp_path / 'images')
+    run_train(tmp_path / 'run', '--max_steps', '1')
+    commands = [(tmp_path / 'run', 'train.py', lambda: run_train(tmp_path / 'run', '--max_steps', '2', '--resume')),
+                (tmp_path / 's', 'sample.py', lambda: sample_cli('--ckpt', tmp_path / 'run' / 'ckpt.pt',
+                                                                 '--num_images', 1, '--out', tmp_path / 's')),
+                (tmp_path / 'c', 'tokenizers.py cache', lambda: tokenizers.cache(argparse_cache(tmp_path / 'images',
+                                                                                                tmp_path / 'c')))]
+    for folder, what, command in commands:
+        holder = hold_folder(folder)
+        try:
+            with pytest.raises(SystemExit, match=rf'^error: {re.escape(str(folder))} is in use by another running '
+                                                 rf'{what}; wait') as e:
+                command()
+            assert '\n' not in str(e.value)
+        finally:
+            holder.kill()  # SIGKILL: no cleanup runs, and the OS releases the lock
+            holder.wait()
+        command()  # no stale lock
+
+
+@cli
+def test_only_the_last_k_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tmp_path):
+    run_train(tmp_path, '--max_steps', '4', '--ckpt_interval', '1', '--keep_last', '2')
+    assert sorted(p.name for p in tmp_path.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_0000003.pt', 'ckpt_0000004.pt']
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 4
+
+
+@cli
+def test_log_lines_are_appended_to_a_json_lines_file(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '3')
+    lines = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [line['step'] for line in lines] == [1, 2, 3]
+    assert {'loss', 'lr', 'grad_norm', 'ms_per_step', 'images_per_s', 'mfu'} <= set(lines[0])
+    assert 'images/s | MFU -' in capsys.readouterr().out  # no known peak FLOP/s on a CPU
+
+
+@cli
+def test_bench_reports_throughput_and_memory_and_writes_nothing(tmp_path, capsys):
+    args = train.get_parser().parse_args(['--size', 'tiny', '--depth', '1', '--head_depth', '1', '--batch_size', '2',
+                                          '--bench', '--bench_warmup', '1', '--bench_steps', '2',
+                                          '--out_dir', str(tmp_path)])
+    train.main(args)
+    out = capsys.readouterr().out
+    assert re.search(r'bench: [\d.]+ images/s per process, \d+ ms/step, MFU -, peak memory [\d.]+ GiB', out)
+    assert not list(tmp_path.glob('*.pt')) and not (tmp_path / 'log.jsonl').exists()
+
+
+@cli
+def test_bf16_training_end_of_run_grid_and_evaluation_run_on_the_cpu(tmp_path):
+    # --amp on a CPU: the training step, the samples.png grid and --eval_every in bf16, as on a GPU
+    run_train(tmp_path, '--amp', '--max_steps', '2', '--num_samples', '2', '--eval_every', '2', '--eval_images', '4')
+    log = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert all(math.isfinite(r['loss']) for r in log if 'loss' in r) and 'fd' in log[-1]
+    assert (tmp_path / 'samples.png').is_file()
+
+
+@cli
+def test_compiled_training_takes_the_steps_of_eager_training(tmp_path):
+    # fusion reorders fp32 sums (~1e-7 relative per op), so three steps of a tiny model agree to ~1e-6; a wrong
+    # compiled graph (a lost mask, a stale cache) moves the loss by far more than the 1e-4 allowed here
+    eager = run_train(tmp_path / 'eager', '--max_steps', '3')
+    compiled = run_train(tmp_path / 'compiled', '--max_steps', '3', '--compile')
+    losses = [[json.loads(line)['loss'] for line in open(tmp_path / run / 'log.jsonl')]
+              for run in ('eager', 'compiled')]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    for name, p in eager['model'].items():  # the checkpoint holds the uncompiled module's names
+        q = compiled['model'][name]
+        if name.endswith('qkv.bias'):  # the key bias adds one constant to a row of scores, which softmax ignores:
+            # its gradient is rounding noise that Adam scales up to steps as large as the value, so skip it
+            p, q = p.view(3, -1)[0::2], q.view(3, -1)[0::2]
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def stand_in_features(model, images, *args, **kwargs):
@@ -2327,6 +2030,7 @@ def stand_in_features(model, images, *args, **kwargs):
                                                                             ('logits', 1008))}
 
 
+@cli
 def test_online_evaluation_logs_fid_of_ema_samples_against_the_reference(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setattr(fid, 'features', stand_in_features)
     ref = str(tmp_path / 'ref.npz')  # a reference batch of the training data, written by fid.py --save_stats
@@ -2346,12 +2050,168 @@ def test_online_evaluation_logs_fid_of_ema_samples_against_the_reference(tmp_pat
     assert 1 <= evals[0]['is'] <= 10
 
 
+@cli
 def test_online_evaluation_without_the_inception_weights_fails_before_training(tmp_path):
     np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(SystemExit, match=re.escape(fid.WEIGHTS_URL)) as e:
         run_train(tmp_path, '--max_steps', '1', '--eval_every', '1', '--fid_ref', str(tmp_path / 'ref.npz'),
                   '--inception', str(tmp_path / 'missing.pth'))
     assert '\n' not in str(e.value) and not (tmp_path / 'ckpt.pt').exists()
+
+
+# -----------------------------------------------------------------------------
+# the command lines: sampling (sample.py): the ADM layout, resuming and extending, distribution, bench, figures
+
+def sample_cli(*argv):
+    sample.main(sample.get_parser().parse_args([str(a) for a in argv]))
+
+
+@cli
+def test_sample_cli_writes_npz_in_the_adm_layout(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    out = tmp_path / 'samples.npz'
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '3',
+                                                '--batch_size', '2', '--out', str(out)]))
+    data = np.load(out)
+    assert data['arr_0'].dtype == np.uint8 and data['arr_0'].shape == (3, 16, 16, 3)  # NHWC
+    assert data['arr_1'].tolist() == [0, 1, 2]
+    assert (tmp_path / 'samples.png').is_file()
+
+
+@cli
+def test_an_out_of_another_checkpoint_or_other_flags_is_refused_unchanged_until_overwrite(tmp_path):
+    run_train(tmp_path / 'a', '--max_steps', '1')
+    run_train(tmp_path / 'b', '--max_steps', '1', '--seed', '1')  # another model
+    argv = ['--num_images', '4', '--batch_size', '2', '--num_steps', '16', '--out', tmp_path / 's.npz']
+    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv)
+    sample_cli('--ckpt', tmp_path / 'a' / 'ckpt_0000001.pt', *argv)  # the same file under another name continues
+    before, first = snapshot(tmp_path), np.load(tmp_path / 's.npz')['arr_0']
+    for other in (['--ckpt', tmp_path / 'b' / 'ckpt.pt'], ['--temperature', 0.5], ['--num_steps', 8], ['--top_k', 5],
+                  ['--seed', 1], ['--no-ema'], ['--batch_size', 1], ['--labels', 'random'], ['--class_label', 3],
+                  ['--position_order', 'raster']):
+        with pytest.raises(SystemExit, match=r'^error: .*other settings .*--overwrite') as e:
+            sample_cli('--ckpt', tmp_path / 'a' / 'ckpt.pt', *argv, *other)
+        assert '\n' not in str(e.value)
+    assert snapshot(tmp_path) == before  # nothing written, nothing deleted
+    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv, '--overwrite')
+    sample_cli('--ckpt', tmp_path / 'b' / 'ckpt.pt', *argv[:-1], tmp_path / 'fresh.npz')
+    overwritten, fresh = np.load(tmp_path / 's.npz')['arr_0'], np.load(tmp_path / 'fresh.npz')['arr_0']
+    assert np.array_equal(overwritten, fresh) and not np.array_equal(overwritten, first)
+
+
+@cli
+@pytest.mark.parametrize('labels', ['balanced', 'random'])
+def test_more_images_into_the_same_out_continue_the_run_with_the_images_of_a_fresh_one(labels, tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', tmp_path / 'ckpt.pt', '--batch_size', 2, '--num_steps', 16, '--labels', labels]
+    sample_cli(*argv, '--num_images', 3, '--out', tmp_path / 's.npz')  # batch 1 holds one image
+    kept = (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns
+    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 's.npz')
+    sample_cli(*argv, '--num_images', 5, '--out', tmp_path / 'fresh.npz')
+    assert (tmp_path / 's' / 'batch_00000.npz').stat().st_mtime_ns == kept  # continued, not redone
+    grown, fresh = np.load(tmp_path / 's.npz'), np.load(tmp_path / 'fresh.npz')
+    assert len(grown['arr_0']) == 5 and np.array_equal(grown['arr_0'], fresh['arr_0'])
+    assert np.array_equal(grown['arr_1'], fresh['arr_1'])
+
+
+@cli
+def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '5', '--batch_size', '2', '--num_steps', '16']
+    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
+    first = np.load(tmp_path / 'a.npz')['arr_0']
+    assert sorted(p.name for p in (tmp_path / 'a').glob('batch_*.npz')) == [f'batch_0000{k}.npz' for k in range(3)]
+    assert len(list((tmp_path / 'a' / 'images').glob('*.png'))) == 5
+    (tmp_path / 'a' / 'batch_00001.npz').unlink()  # as if killed while sampling batch 1
+    kept = (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns
+    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
+    assert (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns == kept
+    assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], first)  # the same images: per-batch seeds
+
+
+@cli
+def test_two_process_sampling_writes_the_images_of_one_process(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '6', '--batch_size', '2', '--num_steps', '16']
+    sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'one.npz')]))
+    run_two_processes(ddp_worker, 'sample', argv + ['--out', str(tmp_path / 'two.npz')])
+    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+    assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
+
+
+@cli
+def test_a_full_disk_keeps_the_finished_samples_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    run_train(tmp_path, '--max_steps', '1')
+    argv = ['--ckpt', tmp_path / 'ckpt.pt', '--batch_size', 2, '--num_steps', 16, '--out', tmp_path / 's.npz']
+    sample_cli(*argv, '--num_images', 3)
+    finished = (tmp_path / 's.npz').read_bytes()
+    real_savez = np.savez
+
+    def disk_full_at_the_npz(f, **arrays):
+        if 'arr_0' in arrays:
+            f.write(b'the first bytes')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        real_savez(f, **arrays)
+    monkeypatch.setattr(np, 'savez', disk_full_at_the_npz)
+    with pytest.raises(SystemExit, match=r'^error: writing .*s.npz: No space left on device') as e:
+        sample_cli(*argv, '--num_images', 5)  # extends the finished run
+    assert '\n' not in str(e.value) and (tmp_path / 's.npz').read_bytes() == finished
+    assert not list(tmp_path.rglob('*.tmp'))
+
+
+@cli
+def test_prefix_image_and_mask_files_drive_the_cli(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    image = tokenizers.make_shapes(1, seed=5)[0][0].numpy()
+    Image.fromarray(image).save(tmp_path / 'image.png')
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :8] = 255  # keep the left half: outpaint the right half
+    Image.fromarray(mask).save(tmp_path / 'mask.png')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '2',
+                                                '--prefix_image', str(tmp_path / 'image.png'), '--keep_mask',
+                                                str(tmp_path / 'mask.png'), '--out', str(tmp_path / 'edit.npz')]))
+    out = np.load(tmp_path / 'edit.npz')['arr_0']
+    kept = tokenizers.PixelTokenizer().decode(tokenizers.PixelTokenizer().encode(torch.from_numpy(image)[None]))
+    assert np.array_equal(out[:, :, :8], kept.numpy()[:, :, :8].repeat(2, 0))
+
+
+@cli
+def test_figures_command_writes_the_similarity_and_attention_pngs(tmp_path):
+    run_train(tmp_path, '--max_steps', '1')
+    Image.fromarray(tokenizers.make_shapes(1, seed=3)[0][0].numpy()).save(tmp_path / 'image.png')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--figures',
+                                                str(tmp_path / 'image.png'), '--out', str(tmp_path / 'figs')]))
+    for name in ('similarity', 'attention'):  # the image, then one map per reference token, 12 px per token
+        assert Image.open(tmp_path / 'figs' / f'{name}.png').size == (4 * 16 * 12, 16 * 12)
+
+
+@cli
+def test_sampling_bench_reports_speed_flops_and_mfu(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--bench', '--batch_size', '2',
+                                                '--num_steps', '16']))
+    assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps; [\d.]+ GFLOP per image; MFU -',
+                     capsys.readouterr().out)
+
+
+@cli
+def test_sampling_bench_counts_the_operators_and_the_time_of_each_part_per_step(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1', '--tokenizer', 'pixel_patch')
+    sample_cli('--ckpt', tmp_path / 'ckpt.pt', '--bench', '--batch_size', 2, '--num_steps', 16, '--diffusion_steps', 10)
+    line = capsys.readouterr().out.splitlines()[-1]
+    ops = int(re.search(r'aten operators per step: (\d+) eager', line).group(1))
+    assert 10 * 10 < ops < 10 * 100  # 16 tokens a step, 10 diffusion steps of a few dozen operators each
+    ms = dict(re.findall(r'(backbone|head|token head|other) ([\d.]+)', line))
+    assert set(ms) == {'backbone', 'head', 'token head', 'other'} and float(ms['token head']) > 0
+
+
+@cli
+def test_compiled_sampling_decodes_in_parallel_by_confidence_and_benches(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1')
+    sample.main(sample.get_parser().parse_args(['--ckpt', str(tmp_path / 'ckpt.pt'), '--compile', '--bench',
+                                                '--batch_size', '2', '--num_steps', '16',
+                                                '--position_order', 'confidence']))
+    assert re.search(r'bench: [\d.]+ images/s at batch 2, 16 steps', capsys.readouterr().out)
 
 
 # -----------------------------------------------------------------------------
@@ -2371,10 +2231,6 @@ def workspace(tmp_path_factory):
     sample.main(sample.get_parser().parse_args(['--ckpt', str(root / 'run' / 'ckpt.pt'), '--num_images', '2',
                                                 '--batch_size', '2', '--out', str(root / 'samples')]))
     return root
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob('*') if p.is_file()}
 
 
 def nan_in_the_run_checkpoint(ws):
@@ -2487,8 +2343,14 @@ def a_truncated_keep_mask(ws):
 
 
 SAMPLES = '--ckpt {ws}/run/ckpt.pt --num_images 2 --batch_size 2 --out {ws}/samples'  # how samples/ was made
+
+
 NEW = '--ckpt {ws}/run/ckpt.pt --out {ws}/new'
+
+
 EDITED = '--ckpt {ws}/run/edited.pt --out {ws}/new'
+
+
 PREFIX = NEW + ' --prefix_image {ws}/image.png --keep_mask {ws}/mask.png'
 
 
@@ -2516,6 +2378,18 @@ def damage_file(name, flip=None, cut=None):
 # weights, what to break there first, what the error names)
 BAD_INPUTS = [
     ('train', '--density 300 --out_dir {ws}/run', None, '--density 300'),
+    ('train', '--head local --window 20 --out_dir {ws}/new', None, 'does not tile'),
+    ('train', '--head local --window 16 --order raster --out_dir {ws}/new', None, 'use --order random'),
+    ('train', '--head global --window 16 --out_dir {ws}/new', None, 'use --head local'),
+    ('train', '--head linear --density 4 --out_dir {ws}/new', None, 'scores every step already'),
+    ('train', '--class_dropout 1.5 --out_dir {ws}/new', None, 'must be in [0, 1)'),
+    ('train', '--order rar --head global --out_dir {ws}/new', None, 'use it with --head linear'),
+    ('train', '--npp_levels 2 --head linear --order random --out_dir {ws}/new', None,
+     'use --head linear --order raster'),
+    ('train', '--npp_levels 6 --head linear --order raster --out_dir {ws}/new', None, 'do not tile'),
+    ('train', '--global_batch_size 24 --batch_size 16 --out_dir {ws}/new', None, 'not a multiple of --batch_size'),
+    ('train', '--data {ws}/nope --out_dir {ws}/new', None, 'no such directory'),
+    ('train', '--resume --out_dir {ws}/new', None, 'no checkpoint at'),
     ('train', '--batch_size 0 --out_dir {ws}/new', None, '--batch_size 0 must be at least 1'),
     ('train', '--batch_size -4 --out_dir {ws}/new', None, '--batch_size -4 must be at least 1'),
     ('train', '--ckpt_interval 0 --out_dir {ws}/new', None, '--ckpt_interval 0 must be at least 1'),
@@ -2602,6 +2476,9 @@ BAD_INPUTS = [
     ('sample', EDITED, a_wrongly_shaped_weight, 'transformer.cls_emb.weight: (3, 3) in the file, (11, 64) in the'),
     ('sample', EDITED, a_nan_weight, 'NaN or inf in 1 of their tensors (transformer.pos_'),
     ('sample', EDITED, random_bytes_checkpoint, 'edited.pt: not a readable PyTorch checkpoint'),
+    ('sample', EDITED, lambda ws: torch.save({'weights': torch.zeros(1)}, ws / 'run' / 'edited.pt'),
+     'not a heptapod train.py checkpoint'),
+    ('sample', '--ckpt {ws}/run/missing.pt --out {ws}/new', None, 'missing.pt: no such file'),
     # fid.py: files that are not what they claim, too few images, a bad output path
     ('fid', '{ws}/junk.npz {ws}/samples/samples.npz --inception {inception}', write_file('junk.npz'),
      'junk.npz: not a readable .npz'),
@@ -2625,6 +2502,7 @@ BAD_INPUTS = [
 ]
 
 
+@cli
 @pytest.mark.parametrize('command,argv,setup,match', BAD_INPUTS, ids=[f'{c} {a}' for c, a, _, _ in BAD_INPUTS])
 def test_bad_input_fails_in_one_error_line_and_changes_nothing_on_disk(command, argv, setup, match, workspace,
                                                                        tmp_path, request):
@@ -2642,9 +2520,109 @@ def test_bad_input_fails_in_one_error_line_and_changes_nothing_on_disk(command, 
     assert snapshot(ws) == before
 
 
+@cli
 def test_a_refused_command_prints_one_error_line_and_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, 'train.py', '--density', '300', '--out_dir', str(tmp_path)],
                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
     assert run.returncode != 0 and 'Traceback' not in run.stderr
     assert [line for line in run.stderr.splitlines() if line.strip()] == [run.stderr.strip()]
     assert run.stderr.startswith('error: ') and not os.listdir(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# GPU acceptance: python -m pytest -q -m gpu (skipped without CUDA), about 4 minutes on one H100/H200, the checks
+# that never ran on a GPU first. Each test prints what it measured on a line starting 'GPU |' (the README's table).
+
+def gpu(test):
+    """Selected by -m gpu (pytest.ini leaves them out of the default run), skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')(test))
+
+
+def report(capsys, line):
+    with capsys.disabled():
+        print(f"\nGPU | {line}", flush=True)
+
+
+@gpu
+@pytest.mark.parametrize('head', ['global', 'local'])
+def test_gpu_attention_takes_a_fused_kernel_in_the_backbone_the_head_and_the_cached_decode_step(head):
+    # inside sdpa_kernel(flash, memory-efficient) PyTorch raises 'No available kernel' rather than fall back to
+    # the math kernel, so each call below ran fused
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = Heptapod(16384, 1000, 16, **{k: SIZES['B'][k] for k in ('n_layer', 'n_embd', 'n_head')}, head=head,
+                     window=16 if head == 'local' else None).cuda().eval()
+    g = torch.Generator('cuda').manual_seed(0)
+    idx, labels = torch.randint(16384, (4, 256), device='cuda'), torch.arange(4, device='cuda')
+    orders, prefix_lens = make_orders(4, 256, 'random', g), sample_prefix_lens(4, 2, 256, g)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16), \
+            sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        h = model.transformer(take(idx, orders)[:, :-1], labels, orders[:, :-1])  # causal
+        model.head(h, orders, prefix_lens)  # bidirectional (global) or cross-attention with a mask (local)
+        t = model.transformer
+        t.setup_cache(4, 256)
+        t.prefill(labels)
+        t.decode(idx[:, :1], orders[:, :1], torch.tensor([1], device='cuda'))  # attends through a cache mask
+        t.clear_cache()
+
+
+@gpu
+@pytest.mark.parametrize('head,tokens', [('global', 'discrete'), ('local', 'discrete'), ('global', 'continuous'),
+                                         ('linear', 'continuous')])
+def test_gpu_cuda_graphs_sample_what_the_eager_sampler_samples(head, tokens, capsys):
+    continuous = dict(token_dim=16, diffusion_width=64, diffusion_depth=2) if tokens == 'continuous' else {}
+    model = tiny_model(head, window=16 if head == 'local' else None, **continuous).cuda()
+    labels, graphs = torch.arange(4, device='cuda'), sample.CUDAGraphs()
+    for amp in (False, True):
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            runs = [generate(model, labels, 'random', torch.Generator('cuda').manual_seed(0), diffusion_steps=20,
+                             num_steps=16 if head == 'global' else None, graphs=g) for g in (None, graphs, graphs)]
+        for replayed in runs[1:]:  # captured, then replayed from the graphs of the first call
+            if continuous:
+                torch.testing.assert_close(replayed, runs[0], atol=1e-3, rtol=1e-3)
+            else:
+                assert torch.equal(replayed, runs[0])
+    report(capsys, f"CUDA graphs = eager, {head} head, {tokens} tokens, fp32 and bf16 ({len(graphs.graphs)} graphs)")
+
+
+@gpu
+def test_gpu_torchrun_with_nccl_trains_and_checkpoints(tmp_path, capsys):
+    run = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=1', 'train.py', '--data', 'random',
+                          '--tokenizer', 'vq', '--size', 'small', '--batch_size', '8', '--max_steps', '3',
+                          '--log_interval', '1', '--num_samples', '0', '--out_dir', str(tmp_path)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 3
+    report(capsys, f"torchrun --nproc_per_node=1 (NCCL) | {run.stdout.strip().splitlines()[-1]}")
+
+
+@gpu
+@pytest.mark.parametrize('steps', [256, 64])
+def test_gpu_sampling_throughput_of_B_at_batch_256(steps, tmp_path, capsys, vae_file):
+    run = tmp_path / 'run'
+    train.main(train.get_parser().parse_args(['--data', 'random', '--tokenizer', 'vae', '--size', 'B', '--batch_size',
+                                              '8', '--max_steps', '1', '--num_samples', '0', '--out_dir', str(run)]))
+    capsys.readouterr()
+    sample_cli('--ckpt', run / 'ckpt.pt', '--tokenizer_ckpt', vae_file[0], '--bench', '--batch_size', 256,
+               '--num_steps', steps)
+    report(capsys, f"sample --size B --tokenizer vae --batch_size 256 --num_steps {steps} | "
+                   f"{' | '.join(capsys.readouterr().out.strip().splitlines()[-2:])}")
+
+
+@gpu
+def test_gpu_compiled_sampling_by_confidence(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1', '--size', 'small', '--depth', '6', '--head_depth', '6')
+    capsys.readouterr()
+    sample_cli('--ckpt', tmp_path / 'ckpt.pt', '--compile', '--bench', '--batch_size', 64, '--num_steps', 16,
+               '--position_order', 'confidence')
+    report(capsys, f"compiled sampling, small, 16 steps by confidence | {capsys.readouterr().out.strip()}")
+
+
+@gpu
+def test_gpu_compiled_bf16_training_of_B_throughput_and_mfu(tmp_path, capsys):
+    capsys.readouterr()
+    train.main(train.get_parser().parse_args(['--data', 'random', '--tokenizer', 'vae', '--size', 'B', '--compile',
+                                              '--batch_size', '64', '--bench', '--bench_warmup', '3', '--bench_steps',
+                                              '10', '--out_dir', str(tmp_path)]))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('bench:'))
+    report(capsys, f"train --size B --tokenizer vae --compile --batch_size 64 | {line}")

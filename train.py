@@ -159,6 +159,8 @@ def dry_run(model, args):
 def claim_out_dir(args):
     """While the block runs, out_dir is this run's: checked writable now (not after minutes of training), locked
     against a second process, holding no other run's checkpoints or log unless --resume or --overwrite."""
+    if args.resume:
+        checkpoints(args.out_dir)  # refused before anything is made
     make_folder(args.out_dir, '--out_dir')
     try:
         with tempfile.TemporaryFile(dir=args.out_dir):
@@ -198,11 +200,7 @@ def save_checkpoint(ckpt, out_dir, keep_last):
 def resume(args, model, ema, optimizer, master):
     """Continue from the newest readable checkpoint of out_dir (ckpt.pt, or when a crash or a full disk left it
     unreadable, the newest intact ckpt_STEP.pt), and its log up to its step. Returns (step, path)."""
-    paths = [p for p in [os.path.join(args.out_dir, 'ckpt.pt')] + sorted(
-        glob.glob(os.path.join(args.out_dir, 'ckpt_*.pt')), reverse=True) if os.path.isfile(p)]
-    if not paths:
-        raise SystemExit(f"error: --resume: no checkpoint at {os.path.join(args.out_dir, 'ckpt.pt')} (train.py "
-                         f"writes it there)")
+    paths = checkpoints(args.out_dir)
     for path in paths:
         try:
             ckpt = read_torch(path, 'PyTorch checkpoint', device=next(model.parameters()).device)
@@ -228,6 +226,15 @@ def resume(args, model, ema, optimizer, master):
         write_atomic(log, lambda f: f.writelines(line.encode() for line in lines))
     print0(f"resumed from {path} at step {ckpt['step']}")
     return ckpt['step'], path
+
+
+def checkpoints(out_dir):
+    """out_dir's checkpoints, the newest first: ckpt.pt, then ckpt_STEP.pt; one error line when there is none."""
+    paths = [os.path.join(out_dir, 'ckpt.pt')] + sorted(glob.glob(os.path.join(out_dir, 'ckpt_*.pt')), reverse=True)
+    if not (paths := [p for p in paths if os.path.isfile(p)]):
+        raise SystemExit(f"error: --resume: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} (train.py writes it "
+                         f"there)")
+    return paths
 
 
 def logged_step(line):
