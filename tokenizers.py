@@ -503,7 +503,7 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 CACHE_FILE = re.compile(r'(meta\.json|(tokens|labels)_\d{5}\.npy)(\.\d+\.tmp)?')  # what cache() writes in --out
-PALETTE_IMAGES, PALETTE_PIXELS = 1000, 1000  # a palette is fitted on up to 1000 pixels of up to 1000 images
+PALETTE_IMAGES, PALETTE_PIXELS = 10000, 4096  # the palette: of up to 4096 pixels (64x64) of 10,000 images
 
 
 def center_crop_arr(pil_image, image_size):
