@@ -73,25 +73,48 @@ def by_confidence(token_head, z, seen, rest, k, cfg):
     return rest.gather(1, (~first).long().argsort(dim=1, stable=True))
 
 
+def with_unconditional(labels, orders, num_classes, cfg):
+    """Not the paper's: for CFG, a 'no class' copy of every row, which reads the same positions and receives the
+    same tokens; the token head mixes the two."""
+    if cfg == 1.0:
+        return labels, orders
+    return torch.cat([labels, torch.full_like(labels, num_classes)]), orders.repeat(2, 1)
+
+
+@contextlib.contextmanager
+def caches(model, M, N, local, graphs):
+    """The KV caches of one generate(): the causal Transformer's and the local head's; the CUDA graphs of the steps
+    that read them go with them."""
+    model.transformer.setup_cache(M, N)
+    if local:
+        model.head.setup_cache(M, N)
+    try:
+        yield
+    finally:
+        model.transformer.clear_cache()
+        if local:
+            model.head.clear_cache()
+        if graphs:
+            graphs.forget('backbone', 'head')
+
+
 @torch.no_grad()
 def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
              position_order=None, prefix=None, use_cache=True, diffusion_steps=100, graphs=None):
     """Tokens (B, N[, D]) in raster layout for labels (B,). `order`: the training order (1D models sample in it, 2D
     ones in any position_order, None following it). num_steps < N places several tokens per step (MAR's cosine
     schedule). prefix = (tokens, keep (B, N)): kept tokens are read first and returned unchanged (in/outpainting).
-    cfg != 1 (not the paper's) adds a 'no class' copy of every row. use_cache=False recomputes every prefix (the
-    reference). graphs: CUDAGraphs (or a stand-in) through which backbone, head and diffusion chain are called."""
+    use_cache=False recomputes every prefix (the reference). graphs: CUDAGraphs (or a stand-in) through which
+    the backbone, the head and the diffusion chain are called."""
     keep = None if prefix is None else prefix[1].to(labels.device)
-    errors = sampling_errors(model.config, order, num_steps, position_order, keep)
-    if errors:
+    if errors := sampling_errors(model.config, order, num_steps, position_order, keep):
         raise ValueError('; '.join(errors))
     config, B, N, dev, t_model = model.config, len(labels), model.grid_size ** 2, labels.device, model.transformer
-    C, D, one_d, local = config['n_embd'], config['token_dim'], config['head'] == 'linear', config['head'] == 'local'
-    local = local and use_cache  # the local head's cache
-    position_order = position_order or ('raster' if order in ('raster', 'rar') else 'random')
+    C, D, one_d = config['n_embd'], config['token_dim'], config['head'] == 'linear'
+    local, position_order = config['head'] == 'local' and use_cache, position_order or (
+        'raster' if order in ('raster', 'rar') else 'random')
     K, orders = 0 if keep is None else int(keep[0].sum()), start_orders(B, N, position_order, keep, generator)
-    if cfg != 1.0:  # the 'no class' copies read the same positions and receive the same tokens
-        labels, orders = torch.cat([labels, torch.full_like(labels, model.num_classes)]), orders.repeat(2, 1)
+    labels, orders = with_unconditional(labels, orders, model.num_classes, cfg)  # (M,), (M, N): M = B or 2B
     M, run = len(labels), graphs or (lambda name, fn, *args: fn(*args))
     tokens = torch.zeros(M, N, *[D] * bool(D), dtype=torch.float if D else torch.long, device=dev)
     if keep is not None:
@@ -104,17 +127,13 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
         if use_cache:
             h[:, t0 + 1:t1 + 1] = run('backbone', t_model.decode, take(tokens, pos), pos, steps, target(t0 + 1, t1 + 1))
         else:  # the reference: the whole prefix again
-            h[:, t0 + 1:t1 + 1] = t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[
-                :, t0 + 1:]
+            h[:, t0:t1 + 1] = t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[:, t0:]
         if local:  # the local head's cross-attention keys and values of the new states, once
             run('head', model.head.extend, h[:, t0 + 1:t1 + 1], pos, steps)
-    try:
-        if use_cache:
-            t_model.setup_cache(M, N)
+    with caches(model, M, N, local, graphs) if use_cache else contextlib.nullcontext():
         h[:, :1] = t_model.prefill(labels, target(0, 1)) if use_cache else \
-            t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))
-        if local:
-            model.head.setup_cache(M, N)
+            t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))  # the class token
+        if local:  # the class state's
             model.head.extend(h[:, :1], orders[:, :0], torch.zeros(1, dtype=torch.long, device=dev))
         if K:  # the kept tokens, in one causal block
             feed(0, K)
@@ -135,12 +154,6 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
             if t + k < N:
                 feed(t, t + k)
             t += k
-    finally:
-        t_model.clear_cache()
-        if local:
-            model.head.clear_cache()
-        if graphs:
-            graphs.forget('backbone', 'head')  # they read this call's caches
     return tokens[:B]
 
 
