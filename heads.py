@@ -161,7 +161,7 @@ class LinearClassifier(nn.Module):
             logits = uncond + cfg * (cond - uncond)
         return logits
 
-    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=None, graphs=None):
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=None, run=None):
         """One token per row of z (B, C), or of its first half with CFG (see logits)."""
         logits = self.logits(z, cfg) / temperature  # (B, V)
         if top_k:
@@ -351,9 +351,9 @@ class DiffusionLoss(nn.Module):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)  # a timestep and noise per row
         return self.train_diffusion.loss(self.net, x0, z, i, noise).mean()  # over the scored tokens and repeats
 
-    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=100, graphs=None):
+    def sample(self, z, generator, temperature=1.0, cfg=1.0, top_k=None, diffusion_steps=100, run=None):
         """A token (B, D) per row of z (B, C) (its first half with CFG) in `diffusion_steps` (MAR: 100), all noise drawn
-        first: the chain is a function of (z, noise) that `graphs` (sample.CUDAGraphs) may replay."""
+        first: the chain is a function of (z, noise) that `run` may replay as a CUDA graph (sample.CUDAGraphs)."""
         key = (diffusion_steps, str(z.device))
         if key not in self.respaced:
             self.respaced[key] = GaussianDiffusion(diffusion_steps).to(z.device)
@@ -365,7 +365,7 @@ class DiffusionLoss(nn.Module):
 
         def chain(z, noise, cfg):
             return diffusion.sample(self.net.denoiser(z, diffusion.timesteps), noise, cfg, self.clip_denoised)
-        return chain(z, noise, cfg) if graphs is None else graphs('token head', chain, z, noise, cfg)
+        return chain(z, noise, cfg) if run is None else run('token head', chain, z, noise, cfg)
 
 
 def linear_flops(module):

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -82,7 +83,7 @@ def with_unconditional(labels, orders, num_classes, cfg):
 
 
 @contextlib.contextmanager
-def caches(model, M, N, local, graphs):
+def caches(model, M, N, local, run):
     """The KV caches of one generate(): the causal Transformer's and the local head's; the CUDA graphs of the steps
     that read them go with them."""
     model.transformer.setup_cache(M, N)
@@ -94,18 +95,18 @@ def caches(model, M, N, local, graphs):
         model.transformer.clear_cache()
         if local:
             model.head.clear_cache()
-        if graphs:
-            graphs.forget('backbone', 'head')
+        if run is not None:
+            run.forget('backbone', 'head')
 
 
 @torch.no_grad()
 def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1.0, num_steps=None,
-             position_order=None, prefix=None, use_cache=True, diffusion_steps=100, graphs=None):
+             position_order=None, prefix=None, use_cache=True, diffusion_steps=100, run=None):
     """Tokens (B, N[, D]) in raster layout for labels (B,). `order`: the training order (1D models sample in it, 2D
     ones in any position_order, None following it). num_steps < N places several tokens per step (MAR's cosine
     schedule). prefix = (tokens, keep (B, N)): kept tokens are read first and returned unchanged (in/outpainting).
-    use_cache=False recomputes every prefix (the reference). graphs: CUDAGraphs (or a stand-in) through which
-    the backbone, the head and the diffusion chain are called."""
+    use_cache=False recomputes every prefix (the reference). run(name, fn, *args): how the backbone, the head and the
+    diffusion chain are called (CUDAGraphs, Compiled, Timed; None: plainly)."""
     keep = None if prefix is None else prefix[1].to(labels.device)
     if errors := sampling_errors(model.config, order, num_steps, position_order, keep):
         raise ValueError('; '.join(errors))
@@ -115,7 +116,7 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
         'raster' if order in ('raster', 'rar') else 'random')
     K, orders = 0 if keep is None else int(keep[0].sum()), start_orders(B, N, position_order, keep, generator)
     labels, orders = with_unconditional(labels, orders, model.num_classes, cfg)  # (M,), (M, N): M = B or 2B
-    M, run = len(labels), graphs or (lambda name, fn, *args: fn(*args))
+    M, call = len(labels), run or (lambda name, fn, *args: fn(*args))
     tokens = torch.zeros(M, N, *[D] * bool(D), dtype=torch.float if D else torch.long, device=dev)
     if keep is not None:
         tokens[:] = prefix[0].to(tokens).repeat(M // B, *[1] * (tokens.dim() - 1))
@@ -125,12 +126,13 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
     def feed(t0, t1):  # the tokens of steps t0..t1-1 into the causal Transformer -> h[:, t0+1..t1]
         pos, steps = orders[:, t0:t1], torch.arange(t0 + 1, t1 + 1, device=dev)  # sequence index 0 is the class
         if use_cache:
-            h[:, t0 + 1:t1 + 1] = run('backbone', t_model.decode, take(tokens, pos), pos, steps, target(t0 + 1, t1 + 1))
+            h[:, t0 + 1:t1 + 1] = call('backbone', t_model.decode, take(tokens, pos), pos, steps,
+                                       target(t0 + 1, t1 + 1))
         else:  # the reference: the whole prefix again
             h[:, t0:t1 + 1] = t_model(take(tokens, orders[:, :t1]), labels, orders[:, :t1], target(0, t1 + 1))[:, t0:]
         if local:  # the local head's cross-attention keys and values of the new states, once
-            run('head', model.head.extend, h[:, t0 + 1:t1 + 1], pos, steps)
-    with caches(model, M, N, local, graphs) if use_cache else contextlib.nullcontext():
+            call('head', model.head.extend, h[:, t0 + 1:t1 + 1], pos, steps)
+    with caches(model, M, N, local, run) if use_cache else contextlib.nullcontext():
         h[:, :1] = t_model.prefill(labels, target(0, 1)) if use_cache else \
             t_model(tokens[:, :0], labels, orders[:, :0], target(0, 1))  # the class token
         if local:  # the class state's
@@ -142,14 +144,14 @@ def generate(model, labels, order, generator, temperature=1.0, top_k=None, cfg=1
             if one_d:  # the 1D baselines: h_t predicts the token at orders[:, t]
                 z = h[:, t:t + 1]  # (M, 1, C)
             else:  # the head predicts the positions left (global: all of them, local: the chunk of the next)
-                z, positions, seen = run('head', model.head, h, orders, torch.full((M, 1), t, device=dev))
+                z, positions, seen = call('head', model.head, h, orders, torch.full((M, 1), t, device=dev))
                 if position_order == 'confidence':
                     orders[:, t:] = by_confidence(model.token_head, z, seen, orders[:, t:], k, cfg)
                 slot = (positions[:, :, None] == orders[:, None, t:t + k]).int().argmax(1)  # (M, k) where in z
                 z = z.gather(1, slot[..., None].expand(M, k, C))  # (M, k, C)
             step_cfg = 1 + (cfg - 1) * (t + k) / N if D else cfg  # MAR's linear CFG schedule for continuous tokens
             tok = model.token_head.sample(z.flatten(0, 1), generator, temperature, step_cfg, top_k, diffusion_steps,
-                                          graphs).view(B, k, *[D] * bool(D))  # the guided rows only, with CFG
+                                          run).view(B, k, *[D] * bool(D))  # the guided rows only, with CFG
             tokens[rows, orders[:, t:t + k]] = tok.repeat(M // B, *[1] * (tok.dim() - 1))
             if t + k < N:
                 feed(t, t + k)
@@ -219,6 +221,23 @@ class CUDAGraphs:
         self.graphs = {k: v for k, v in self.graphs.items() if k[0] not in names}
 
 
+class Compiled:
+    """--compile: the decoding step and the head compiled (torch.compile, once each), then called through `run`."""
+
+    def __init__(self, run=None):
+        self.run, self.fns = run, {}
+
+    def __call__(self, name, fn, *args):
+        if name != 'token head':  # the diffusion chain is a new closure at every call: not compiled
+            if fn not in self.fns:
+                self.fns[fn] = torch.compile(fn)
+            fn = self.fns[fn]
+        return fn(*args) if self.run is None else self.run(name, fn, *args)
+
+    def forget(self, *names):
+        return self.run and self.run.forget(*names)
+
+
 def decode(tokenizer, tokens, grid_size):
     """uint8 images (B, H, W, 3) of generated tokens (B, N[, D]) in raster layout."""
     return tokenizer.decode(tokens.view(len(tokens), grid_size, grid_size, *tokens.shape[2:]))
@@ -255,7 +274,7 @@ def check_checkpoint(ckpt, path):
         ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise SystemExit(f"error: {path}: not a heptapod train.py checkpoint (missing {sorted(missing)})")
-    own = set(Heptapod.__init__.__code__.co_varnames[1:Heptapod.__init__.__code__.co_argcount])
+    own = set(inspect.signature(Heptapod).parameters)  # the model's config keys
     if set(ckpt['config']) != own:
         raise SystemExit(f"error: {path}: written by another version of this code (its model config differs in "
                          f"{sorted(set(ckpt['config']) ^ own)}); train the model again with this one")
@@ -360,10 +379,8 @@ def main(args):
     check_args(args, ckpt)
     what = 'ema' if args.ema else 'model'
     model = load_weights(Heptapod(**ckpt['config']).to(device).eval(), ckpt[what], args.ckpt, f"its '{what}' weights")
-    if args.compile:  # the per-step work: the head over the grid and the cached decoding step
-        model.head = torch.compile(model.head) if model.head is not None else None
-        model.transformer.decode = torch.compile(model.transformer.decode)
-    graphs = CUDAGraphs() if device_type == 'cuda' and args.cuda_graphs is not False else None
+    run = CUDAGraphs() if device_type == 'cuda' and args.cuda_graphs is not False else None
+    run = Compiled(run) if args.compile else run  # the per-step work: the head and the cached decoding step
     meta, order = ckpt['data_meta'], ckpt['args']['order']
     tokenizer = make_tokenizer(meta['tokenizer'], args.tokenizer_ckpt or meta.get('ckpt'), device, meta.get('colours'))
     root = args.out[:-len('.npz')] if args.out.endswith('.npz') else args.out
@@ -375,16 +392,16 @@ def main(args):
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
-    def sample_batch(k, labels, graphs=graphs, num_steps=args.num_steps):  # batch k, with its own seed: the same
+    def sample_batch(k, labels, run=run, num_steps=args.num_steps):  # batch k, with its own seed: the same
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + k)  # images on any number of GPUs
         p = prefix and (prefix[0].expand(len(labels), *prefix[0].shape[1:]), prefix[1].expand(len(labels), -1))
         with autocast:
             tokens = generate(model, labels.to(device), order, g, args.temperature, args.top_k, args.cfg, num_steps,
-                              args.position_order, p, diffusion_steps=args.diffusion_steps, graphs=graphs)
+                              args.position_order, p, diffusion_steps=args.diffusion_steps, run=run)
         return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
 
     if args.bench:
-        return bench(args, sample_batch, model, meta['num_classes'], device, graphs)
+        return bench(args, sample_batch, model, meta['num_classes'], device, run)
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
     if rank == 0:
         make_folder(root, '--out')
@@ -412,21 +429,21 @@ class CountOps(TorchDispatchMode):
 
 
 class Timed:
-    """A stand-in for CUDAGraphs that calls through `graphs` (or directly) and adds up each part's seconds."""
+    """Calls each part through `run` (or plainly) and adds up its seconds."""
 
-    def __init__(self, graphs, device):
-        self.graphs, self.device, self.seconds = graphs, device, collections.Counter()
+    def __init__(self, run, device):
+        self.run, self.device, self.seconds = run, device, collections.Counter()
 
     def __call__(self, name, fn, *args):
         sync(self.device)
         t0 = time.perf_counter()
-        out = fn(*args) if self.graphs is None else self.graphs(name, fn, *args)
+        out = fn(*args) if self.run is None else self.run(name, fn, *args)
         sync(self.device)
         self.seconds[name] += time.perf_counter() - t0
         return out
 
     def forget(self, *names):
-        return self.graphs and self.graphs.forget(*names)
+        return self.run and self.run.forget(*names)
 
 
 def sync(device):
@@ -443,7 +460,7 @@ def sampling_flops(model, num_steps, diffusion_steps, cfg):
     return flops * (2 if cfg != 1.0 else 1)
 
 
-def bench(args, sample_batch, model, num_classes, device, graphs):
+def bench(args, sample_batch, model, num_classes, device, run):
     """One batch to warm up (compile, capture), one timed: images/s, FLOPs per image, MFU; then the aten operators of
     a step and, in one more batch with a synchronisation around each part, where the time goes."""
     labels, N = torch.arange(args.batch_size) % num_classes, model.grid_size ** 2
@@ -457,12 +474,12 @@ def bench(args, sample_batch, model, num_classes, device, graphs):
     print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; {flops / 1e9:.1f} "
           f"GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
     counts, few = [], 8 if model.config['head'] == 'global' and not args.prefix_image else None
-    for g in (None, graphs) if graphs is not None else (None,):  # per step: the same for any batch and, with the
+    for r in (None, run) if run is not None else (None,):  # per step: the same for any batch and, with the
         with CountOps() as ops:  # global head, any number of steps (8 are counted then)
-            sample_batch(0, labels[:2], graphs=g, num_steps=few)
-        counts.append(f"{ops.count / (few or steps):.0f} {'with CUDA graphs' if g else 'eager'}")
-    timed, t0 = Timed(graphs, device), time.time()
-    sample_batch(0, labels, graphs=timed)
+            sample_batch(0, labels[:2], run=r, num_steps=few)
+        counts.append(f"{ops.count / (few or steps):.0f} {'eager' if r is None else type(r).__name__}")
+    timed, t0 = Timed(run, device), time.time()
+    sample_batch(0, labels, run=timed)
     parts = dict(timed.seconds, other=time.time() - t0 - sum(timed.seconds.values()))
     print(f"bench: aten operators per step: {', '.join(counts)}; ms per step: " +
           ", ".join(f"{name} {1000 * s / steps:.1f}" for name, s in parts.items()))

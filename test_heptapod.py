@@ -2576,7 +2576,7 @@ def test_gpu_cuda_graphs_sample_what_the_eager_sampler_samples(head, tokens, cap
     for amp in (False, True):
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
             runs = [generate(model, labels, 'random', torch.Generator('cuda').manual_seed(0), diffusion_steps=20,
-                             num_steps=16 if head == 'global' else None, graphs=g) for g in (None, graphs, graphs)]
+                             num_steps=16 if head == 'global' else None, run=g) for g in (None, graphs, graphs)]
         for replayed in runs[1:]:  # captured, then replayed from the graphs of the first call
             if continuous:
                 torch.testing.assert_close(replayed, runs[0], atol=1e-3, rtol=1e-3)

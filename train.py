@@ -319,10 +319,10 @@ def evaluate(ema, args, meta, tokenizer, featurize, score, device, rank, world_s
     gathered and scored on rank 0."""
     labels = (torch.arange(args.eval_images, device=device) % meta['num_classes'])[rank::world_size]
     g, feats = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank), []
-    graphs, batch_size = CUDAGraphs() if device.startswith('cuda') else None, args.eval_batch_size or args.batch_size
+    run, batch_size = CUDAGraphs() if device.startswith('cuda') else None, args.eval_batch_size or args.batch_size
     for b in range(0, len(labels), batch_size):
         with autocast:
-            tokens = generate(ema.eval(), labels[b:b + batch_size], args.order, g, args.temperature, graphs=graphs)
+            tokens = generate(ema.eval(), labels[b:b + batch_size], args.order, g, args.temperature, run=run)
         feats.append(featurize(decode(tokenizer, tokens, meta['grid_size'])))
     feats = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} | {'labels': labels.cpu().numpy()}
     if world_size > 1:
@@ -350,7 +350,7 @@ def sample_grid(ema, args, meta, tokenizer, device, autocast, ckpt_path):
     y, t0 = torch.arange(args.num_samples, device=device) % meta['num_classes'], time.time()
     with autocast:
         out = generate(ema.eval(), y, args.order, torch.Generator(device).manual_seed(args.seed), args.temperature,
-                       graphs=CUDAGraphs() if device.startswith('cuda') else None)
+                       run=CUDAGraphs() if device.startswith('cuda') else None)
     dt = time.time() - t0
     save_grid(decode(tokenizer, out, meta['grid_size']).cpu().numpy(), os.path.join(args.out_dir, 'samples.png'),
               ncol=min(meta['num_classes'], 10))
