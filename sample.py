@@ -474,10 +474,11 @@ def bench(args, sample_batch, model, num_classes, device, run):
     print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; {flops / 1e9:.1f} "
           f"GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
     counts, few = [], 8 if model.config['head'] == 'global' and not args.prefix_image else None
-    for r in (None, run) if run is not None else (None,):  # per step: the same for any batch and, with the
-        with CountOps() as ops:  # global head, any number of steps (8 are counted then)
-            sample_batch(0, labels[:2], run=r, num_steps=few)
-        counts.append(f"{ops.count / (few or steps):.0f} {'eager' if r is None else type(r).__name__}")
+    for r, n in [(None, few)] + [(run, None)] * isinstance(run, CUDAGraphs):  # per step, the same for any batch
+        for count in (False, True) if r is not None else (True,):  # with `run`, a first call compiles or captures
+            with CountOps() if count else contextlib.nullcontext() as ops:  # (and the global head's, any n of steps)
+                sample_batch(0, labels[:2], run=r, num_steps=n)
+        counts.append(f"{ops.count / (n or steps):.0f} {'eager' if r is None else 'with CUDA graphs'}")
     timed, t0 = Timed(run, device), time.time()
     sample_batch(0, labels, run=timed)
     parts = dict(timed.seconds, other=time.time() - t0 - sum(timed.seconds.values()))
