@@ -642,9 +642,11 @@ def start_cache(args, meta, paths, labels):
         os.remove(os.path.join(args.out, f))
     if meta.get('palette') == 'fit':  # on up to PALETTE_PIXELS pixels of up to PALETTE_IMAGES images, seeded
         rng, files, pixels, t0 = np.random.default_rng(0), ImageFiles(paths, labels, args.image_size), [], time.time()
-        for image in (files[i][0] for i in rng.permutation(len(paths))[:PALETTE_IMAGES]):
+        for image, _, what in (files[i] for i in rng.permutation(len(paths))[:PALETTE_IMAGES]):
             if image is not None:  # unreadable files are reported when encoded
                 pixels.append(image.reshape(-1, 3)[rng.permutation(image.shape[0] * image.shape[1])[:PALETTE_PIXELS]])
+        if not pixels:
+            raise SystemExit(f"error: --data {args.data}: no image read to fit the palette is readable ({what})")
         meta['colours'] = fit_palette(np.concatenate(pixels), args.palette_size).tolist()
         print(f"palette: {len(meta['colours'])} colours fitted in {time.time() - t0:.0f}s", flush=True)
     meta.update(token_meta(args.tokenizer, meta.get('colours')))
