@@ -1782,6 +1782,16 @@ def test_every_readme_ablation_command_runs_on_the_tiny_config(flags, tmp_path):
     assert ckpt['step'] == 2 and ckpt['args']['head'] == args.head
 
 
+def test_readme_line_references_point_at_the_definitions_they_name():
+    here = os.path.dirname(__file__)
+    text = open(os.path.join(here, 'README.md')).read()
+    refs = re.findall(r"`([\w.]+)(?:\([^`]*\))?` \[(\w+\.py):(\d+)\]", text)  # `Class.method` [file.py:N]
+    assert len(refs) >= 10
+    for name, path, line in refs:
+        source = open(os.path.join(here, path)).read().split('\n')[int(line) - 1]
+        assert re.match(rf"\s*(def|class) {name.split('.')[-1]}\b", source), (name, path, line, source)
+
+
 @cli
 def test_dry_run_prints_parameters_and_flops_and_trains_nothing(tmp_path, capsys):
     args = train.get_parser().parse_args(['--dry_run', '--size', 'B', '--out_dir', str(tmp_path)])
