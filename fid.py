@@ -46,11 +46,6 @@ IS_SPLITS_TORCH_FIDELITY = 10  # torch-fidelity's isc_splits default, after its 
 FULL_RANK = 2048  # fewer images than feature dimensions leave the covariance singular
 BENCH_SECONDS = 10  # --bench times whole batches for at least this long
 
-IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000): consecutive parts, in the file's order
-IS_SPLITS_TORCH_FIDELITY = 10  # torch-fidelity's isc_splits default, after its shuffle with RandomState(2020)
-FULL_RANK = 2048  # fewer images than feature dimensions leave the covariance singular
-BENCH_SECONDS = 10  # --bench times whole batches for at least this long
-
 # -----------------------------------------------------------------------------
 # The FID Inception-v3: torchvision's module names (the published state dict loads as it is), the pools of the
 # TF graph (pytorch-fid inception.py, torch-fidelity feature_extractor_inceptionv3.py)
