@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -337,9 +338,10 @@ def sample_run(args, sample_batch, meta, root, npz, rank, world_size, ddp):
     for k in batches[rank::world_size]:
         part, y = os.path.join(root, f'batch_{k:05d}.npz'), labels[k * args.batch_size:(k + 1) * args.batch_size]
         try:  # finished by an earlier run of these settings (its last batch may have been shorter)?
-            if np.array_equal(np.load(part)['labels'], y.numpy()):
-                continue
-        except (OSError, ValueError, KeyError, EOFError):  # missing, cut short or not an .npz: sampled again
+            with np.load(part) as done_part:
+                if np.array_equal(done_part['labels'], y.numpy()):
+                    continue
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, cut short: sampled again
             pass
         images = sample_batch(k, y)
         for i, im in enumerate(images):

@@ -1932,6 +1932,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tm
 
 
 @cli
+def test_a_full_disk_at_the_log_stops_in_one_line_and_resume_continues(tmp_path, monkeypatch):
+    real_open = open
+
+    def disk_full_at_the_log(path, *args, **kwargs):
+        if str(path).endswith('log.jsonl') and 'a' in args[:1]:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_open(path, *args, **kwargs)
+    run_train(tmp_path, '--max_steps', '2', '--ckpt_interval', '1')
+    monkeypatch.setattr(train, 'open', disk_full_at_the_log, raising=False)  # train.py's open, not the tests'
+    with pytest.raises(SystemExit, match=r'^error: writing .*log.jsonl: No space left on device; free space, '
+                                         r'then --resume$'):
+        run_train(tmp_path, '--max_steps', '4', '--resume')
+    monkeypatch.undo()
+    assert run_train(tmp_path, '--max_steps', '4', '--resume')['step'] == 4
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'log.jsonl')] == [1, 2, 3, 4]
+
+
+@cli
 def test_an_out_dir_that_cannot_be_written_fails_before_training(tmp_path, monkeypatch):
     def read_only(*a, **kw):
         raise OSError(errno.EROFS, 'Read-only file system')
@@ -2125,14 +2143,16 @@ def test_more_images_into_the_same_out_continue_the_run_with_the_images_of_a_fre
 
 
 @cli
-def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(tmp_path):
+@pytest.mark.parametrize('lost', ['deleted', 'cut short'])
+def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(lost, tmp_path):
     run_train(tmp_path, '--max_steps', '1')
     argv = ['--ckpt', str(tmp_path / 'ckpt.pt'), '--num_images', '5', '--batch_size', '2', '--num_steps', '16']
     sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
     first = np.load(tmp_path / 'a.npz')['arr_0']
     assert sorted(p.name for p in (tmp_path / 'a').glob('batch_*.npz')) == [f'batch_0000{k}.npz' for k in range(3)]
     assert len(list((tmp_path / 'a' / 'images').glob('*.png'))) == 5
-    (tmp_path / 'a' / 'batch_00001.npz').unlink()  # as if killed while sampling batch 1
+    batch = tmp_path / 'a' / 'batch_00001.npz'  # as if killed while sampling batch 1, or its disk failed
+    batch.unlink() if lost == 'deleted' else batch.write_bytes(batch.read_bytes()[:100])
     kept = (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns
     sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
     assert (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns == kept
