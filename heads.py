@@ -252,7 +252,7 @@ class GaussianDiffusion(nn.Module):
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         betas = 1 - ac / ac_prev
         posterior_var = betas * (1 - ac_prev) / (1 - ac)
-        tables = dict(timesteps=timesteps, betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+        tables = dict(timesteps=timesteps, betas=betas, alphas_cumprod=ac,
                       posterior_log_var=torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),  # clipped at t=0
                       posterior_coef_x0=betas * ac_prev.sqrt() / (1 - ac),
                       posterior_coef_xt=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))

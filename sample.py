@@ -216,7 +216,9 @@ class CUDAGraphs:
             if a is not None:
                 s.copy_(a)
         graph.replay()
-        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+        if isinstance(out, tuple):
+            return tuple(o.clone() for o in out)
+        return None if out is None else out.clone()  # None: the local head's extend, which only fills its cache
 
     def forget(self, *names):
         self.graphs = {k: v for k, v in self.graphs.items() if k[0] not in names}
@@ -403,11 +405,12 @@ def main(args):
         return decode(tokenizer, tokens, model.grid_size).cpu().numpy()
 
     if args.bench:
-        return bench(args, sample_batch, model, meta['num_classes'], device, run)
+        left = model.grid_size ** 2 - (0 if prefix is None else int(prefix[1][0].sum()))
+        return bench(args, sample_batch, model, meta['num_classes'], device, run, left)
     npz = args.out if args.out.endswith('.npz') else os.path.join(root, 'samples.npz')
     if rank == 0:
         make_folder(root, '--out')
-    with hold_lock(root, 'sample.py') if rank == 0 else contextlib.nullcontext():
+    with hold_lock(root) if rank == 0 else contextlib.nullcontext():
         prepare_out(args, root, npz, meta, device_type, rank)
         if ddp:
             dist.barrier()  # rank 0 has emptied (--overwrite) and made the directory
@@ -462,11 +465,12 @@ def sampling_flops(model, num_steps, diffusion_steps, cfg):
     return flops * (2 if cfg != 1.0 else 1)
 
 
-def bench(args, sample_batch, model, num_classes, device, run):
+def bench(args, sample_batch, model, num_classes, device, run, left):
     """One batch to warm up (compile, capture), one timed: images/s, FLOPs per image, MFU; then the aten operators of
-    a step and, in one more batch with a synchronisation around each part, where the time goes."""
-    labels, N = torch.arange(args.batch_size) % num_classes, model.grid_size ** 2
-    steps = len(step_schedule(N, args.num_steps or N))
+    a step and, in one more batch with a synchronisation around each part, where the time goes. left: the tokens
+    to sample (N less a prefix's)."""
+    labels = torch.arange(args.batch_size) % num_classes
+    steps = len(step_schedule(left, args.num_steps or left))
     for k in range(2):
         sync(device)
         t0 = time.time()
@@ -476,11 +480,12 @@ def bench(args, sample_batch, model, num_classes, device, run):
     print(f"bench: {args.batch_size / dt:.2f} images/s at batch {args.batch_size}, {steps} steps; {flops / 1e9:.1f} "
           f"GFLOP per image; MFU {percent(mfu(flops * args.batch_size / dt, device, args.peak_tflops))}")
     counts, few = [], 8 if model.config['head'] == 'global' and not args.prefix_image else None
-    for r, n in [(None, few)] + [(run, None)] * isinstance(run, CUDAGraphs):  # per step, the same for any batch
+    for r, n in [(None, few or args.num_steps)] + [(run, args.num_steps)] * isinstance(run, CUDAGraphs):
         for count in (False, True) if r is not None else (True,):  # with `run`, a first call compiles or captures
-            with CountOps() if count else contextlib.nullcontext() as ops:  # (and the global head's, any n of steps)
-                sample_batch(0, labels[:2], run=r, num_steps=n)
-        counts.append(f"{ops.count / (n or steps):.0f} {'eager' if r is None else 'with CUDA graphs'}")
+            with CountOps() if count else contextlib.nullcontext() as ops:  # per step the same for any batch (and
+                sample_batch(0, labels[:2], run=r, num_steps=n)  # the global head's for any number of steps)
+        counts.append(f"{ops.count / len(step_schedule(left, n or left)):.0f} "
+                      f"{'eager' if r is None else 'with CUDA graphs'}")
     timed, t0 = Timed(run, device), time.time()
     sample_batch(0, labels, run=timed)
     parts = dict(timed.seconds, other=time.time() - t0 - sum(timed.seconds.values()))

@@ -1676,9 +1676,11 @@ def test_two_process_cache_writes_meta_before_any_shard_and_rebuilds_under_torch
 
 
 @cli
-def test_a_full_disk_while_caching_stops_in_one_line_and_the_rerun_continues(tmp_path, monkeypatch):
+@pytest.mark.parametrize('tokenizer', [['--palette', 'fit'], ['--palette', 'cube'],
+                                       ['--tokenizer', 'pixel_patch', '--image_size', '16']])
+def test_a_full_disk_while_caching_stops_in_one_line_and_the_rerun_continues(tokenizer, tmp_path, monkeypatch):
     make_image_folder(tmp_path / 'images')
-    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2')
+    args = argparse_cache(tmp_path / 'images', tmp_path / 'cache', '--shard_size', '2', *tokenizer)
     real_save = np.save
 
     def disk_full_at_shard_1(f, array):
@@ -1977,22 +1979,24 @@ def test_a_new_run_into_the_folder_of_another_is_refused_unless_it_resumes_or_ov
 def test_a_folder_held_by_a_running_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     make_image_folder(tmp_path / 'images')
     run_train(tmp_path / 'run', '--max_steps', '1')
-    commands = [(tmp_path / 'run', 'train.py', lambda: run_train(tmp_path / 'run', '--max_steps', '2', '--resume')),
-                (tmp_path / 's', 'sample.py', lambda: sample_cli('--ckpt', tmp_path / 'run' / 'ckpt.pt',
-                                                                 '--num_images', 1, '--out', tmp_path / 's')),
-                (tmp_path / 'c', 'tokenizers.py cache', lambda: tokenizers.cache(argparse_cache(tmp_path / 'images',
-                                                                                                tmp_path / 'c')))]
-    for folder, what, command in commands:
+    commands = [(tmp_path / 'run', lambda: run_train(tmp_path / 'run', '--max_steps', '2', '--resume')),
+                (tmp_path / 's', lambda: sample_cli('--ckpt', tmp_path / 'run' / 'ckpt.pt', '--num_images', 1,
+                                                    '--out', tmp_path / 's')),
+                (tmp_path / 'c', lambda: tokenizers.cache(argparse_cache(tmp_path / 'images', tmp_path / 'c')))]
+    for folder, command in commands:
         holder = hold_folder(folder)
         try:
             with pytest.raises(SystemExit, match=rf'^error: {re.escape(str(folder))} is in use by another running '
-                                                 rf'{what}; wait') as e:
+                                                 rf'train.py, sample.py or cache; wait') as e:
                 command()
             assert '\n' not in str(e.value)
         finally:
             holder.kill()  # SIGKILL: no cleanup runs, and the OS releases the lock
             holder.wait()
+        (folder / 'tokens_00000.npy.4242.tmp').write_bytes(b'a killed writer')  # write_atomic's partial file
+        (folder / 'notes.tmp').write_text('not ours')
         command()  # no stale lock
+        assert [p.name for p in folder.glob('*.tmp')] == ['notes.tmp']  # the partial file is gone, the user's kept
 
 
 @cli
@@ -2233,6 +2237,19 @@ def test_sampling_bench_counts_the_operators_and_the_time_of_each_part_per_step(
     assert 10 * 10 < ops < 10 * 100  # 16 tokens a step, 10 diffusion steps of a few dozen operators each
     ms = dict(re.findall(r'(backbone|head|token head|other) ([\d.]+)', line))
     assert set(ms) == {'backbone', 'head', 'token head', 'other'} and float(ms['token head']) > 0
+
+
+@cli
+def test_sampling_bench_counts_the_steps_of_the_tokens_a_prefix_leaves(tmp_path, capsys):
+    run_train(tmp_path, '--max_steps', '1')
+    Image.fromarray(tokenizers.make_shapes(1, seed=5)[0][0].numpy()).save(tmp_path / 'image.png')
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:12] = 255  # keep 12 of the 16 rows: 64 tokens left, one per step
+    Image.fromarray(mask).save(tmp_path / 'mask.png')
+    sample_cli('--ckpt', tmp_path / 'ckpt.pt', '--bench', '--batch_size', 2, '--prefix_image', tmp_path / 'image.png',
+               '--keep_mask', tmp_path / 'mask.png')
+    out = capsys.readouterr().out
+    assert re.search(r'bench: [\d.]+ images/s at batch 2, 64 steps', out) and 'aten operators per step' in out
 
 
 @cli

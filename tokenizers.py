@@ -62,8 +62,9 @@ class PixelTokenizer(Tokenizer):
             q = images.long() >> 5  # (B, H, W, 3) each channel's bin in [0, 8)
             return (q[..., 0] << 6) | (q[..., 1] << 3) | q[..., 2]
         x, c = images.reshape(-1, 3).float(), self.palette.float()  # (P, 3), (K, 3)
-        d = torch.cat([(c ** 2).sum(1) - 2 * part @ c.T for part in x.split(16384)])  # (P, K) + |x|^2: exact integers
-        return (len(c) - 1 - d.flip(1).argmin(1)).view(images.shape[:-1])  # the later of equally near colours
+        # squared distances less |x|^2 (exact integers), 16384 pixels at a time; ties to the later colour
+        near = [len(c) - 1 - ((c ** 2).sum(1) - 2 * part @ c.T).flip(1).argmin(1) for part in x.split(16384)]
+        return torch.cat(near).view(images.shape[:-1])
 
     def decode(self, tokens):  # (B, H, W) -> (B, H, W, 3) uint8
         return self.palette.to(tokens.device)[tokens]
@@ -502,7 +503,7 @@ def load_dataset(data, tokenizer='pixel', num_images=10000, seed=0):
 # ImageFolder reading and the token cache
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
-CACHE_FILE = re.compile(r'(meta\.json|(tokens|labels)_\d{5}\.npy)(\.\d+\.tmp)?')  # what cache() writes in --out
+CACHE_FILE = re.compile(r'meta\.json|(tokens|labels)_\d{5}\.npy')  # what cache() writes in --out
 PALETTE_IMAGES, PALETTE_PIXELS = 10000, 4096  # the palette: of up to 4096 pixels (64x64) of 10,000 images
 
 
@@ -602,7 +603,7 @@ def cache(args):
                 num_files=len(paths), files_sha256=files_sha256(args.data, paths),
                 **(dict(palette=args.palette, palette_size=args.palette_size) if args.tokenizer == 'pixel' else {}))
     make_folder(args.out, '--out')
-    with hold_lock(args.out, 'tokenizers.py cache') if rank == 0 else contextlib.nullcontext():
+    with hold_lock(args.out) if rank == 0 else contextlib.nullcontext():
         error = [None]
         if rank == 0:
             try:
@@ -628,15 +629,17 @@ def cache(args):
 def start_cache(args, meta, paths, labels):
     """Rank 0, before any shard: continue a cache the same arguments and files began (same meta.json, and its fitted
     palette), or begin one (--rebuild deletes the old), fitting the palette and writing meta.json."""
+    fitted = meta.get('palette') == 'fit'  # then the colours and vocabulary come from the data, below
+    meta.update({} if fitted else token_meta(args.tokenizer))
     ours, old = [f for f in os.listdir(args.out) if CACHE_FILE.fullmatch(f)], read_meta(args.out)
     if ours and not args.rebuild:
-        differ = [f"{k} {old.get(k)} -> {meta.get(k)}" if len(f"{old.get(k)}{meta.get(k)}") < 200 else k
-                  for k in dict.fromkeys([*meta, *(old or {})]) if k not in ('colours', 'vocab_size')
-                  and (old or {}).get(k) != meta.get(k)]  # what fitting the palette adds is no difference
-        if old is None or differ:
+        differ = ['no meta.json'] if old is None else [
+            f"{k} {old.get(k)} -> {meta.get(k)}" if len(f"{old.get(k)}{meta.get(k)}") < 200 else k
+            for k in dict.fromkeys([*meta, *old]) if old.get(k) != meta.get(k)
+            and not (fitted and k in ('colours', 'vocab_size'))]
+        if differ:
             raise SystemExit(f"error: --out {args.out} holds a cache made from other arguments or files "
-                             f"({', '.join(differ or ['no meta.json'])}); write to another --out, or add --rebuild "
-                             f"to encode it afresh")
+                             f"({', '.join(differ)}); write to another --out, or add --rebuild to encode it afresh")
         return
     for f in ours:
         os.remove(os.path.join(args.out, f))
@@ -649,7 +652,7 @@ def start_cache(args, meta, paths, labels):
             raise SystemExit(f"error: --data {args.data}: no image read to fit the palette is readable ({what})")
         meta['colours'] = fit_palette(np.concatenate(pixels), args.palette_size).tolist()
         print(f"palette: {len(meta['colours'])} colours fitted in {time.time() - t0:.0f}s", flush=True)
-    meta.update(token_meta(args.tokenizer, meta.get('colours')))
+        meta.update(token_meta(args.tokenizer, meta['colours']))
     write_atomic(os.path.join(args.out, 'meta.json'), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
@@ -797,10 +800,17 @@ def make_folder(path, flag):
         raise SystemExit(f"error: {flag} {path}: cannot write there ({e.strerror or e}); choose another") from None
 
 
+def remove_partial_files(folder, prefix=''):
+    """Delete what write_atomic left in folder (PATH.PID.tmp, of names beginning with prefix) when it was killed."""
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and re.fullmatch(r'.+\.\d+\.tmp', name):
+            os.remove(os.path.join(folder, name))
+
+
 @contextlib.contextmanager
-def hold_lock(folder, what):
+def hold_lock(folder):
     """folder/.lock held while the block runs, so that no second process writes there; the OS releases it when the
-    process ends, even killed (fcntl.flock): no stale lock."""
+    process ends, even killed (fcntl.flock): no stale lock. Once held, a killed writer's partial files go."""
     try:
         f = open(os.path.join(folder, '.lock'), 'a')
     except OSError as e:
@@ -809,8 +819,9 @@ def hold_lock(folder, what):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise SystemExit(f"error: {folder} is in use by another running {what}; wait for it to end, or choose "
-                             f"another folder") from None
+            raise SystemExit(f"error: {folder} is in use by another running train.py, sample.py or cache; wait for "
+                             f"it to end, or choose another folder") from None
+        remove_partial_files(folder)
         yield
 
 
