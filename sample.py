@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from heads import Heptapod, linear_flops, take
 from model import make_orders
 from tokenizers import (HelpFormatter, VQTokenizer, center_crop_arr, hold_lock, load_weights, make_folder,
-                        make_tokenizer, mfu, percent, read_torch, to_rgb, write_atomic)
+                        make_tokenizer, mfu, percent, read_torch, remove_partial_files, to_rgb, write_atomic)
 
 
 def step_schedule(n, num_steps):
@@ -329,6 +329,8 @@ def prepare_out(args, root, npz, meta, device_type, rank):
         for f in made if old != settings else ():  # --overwrite
             os.remove(f)
         make_folder(os.path.join(root, 'images'), '--out')
+        remove_partial_files(os.path.join(root, 'images'))  # hold_lock has removed root's; the .npz may lie beside it
+        remove_partial_files(os.path.dirname(os.path.abspath(npz)), os.path.basename(npz) + '.')
         write_atomic(record, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 

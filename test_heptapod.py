@@ -2157,8 +2157,11 @@ def test_sampling_is_seeded_per_batch_and_resumes_a_run_that_lost_a_batch(lost, 
     assert len(list((tmp_path / 'a' / 'images').glob('*.png'))) == 5
     batch = tmp_path / 'a' / 'batch_00001.npz'  # as if killed while sampling batch 1, or its disk failed
     batch.unlink() if lost == 'deleted' else batch.write_bytes(batch.read_bytes()[:100])
+    for partial in ('a/batch_00001.npz.4242.tmp', 'a/images/000002.png.4242.tmp', 'a.npz.4242.tmp'):
+        (tmp_path / partial).write_bytes(b'left by the killed writer')
     kept = (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns
     sample.main(sample.get_parser().parse_args(argv + ['--out', str(tmp_path / 'a.npz')]))
+    assert not list(tmp_path.rglob('*.tmp'))
     assert (tmp_path / 'a' / 'batch_00000.npz').stat().st_mtime_ns == kept
     assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], first)  # the same images: per-batch seeds
 
