@@ -190,14 +190,19 @@ class CUDAGraphs:
     """The sampler's step functions (decoding, head, diffusion chain) replayed as captured CUDA graphs, one per name
     and input shapes: inputs are copied into the graph's tensors, the replay runs the eager call's kernels, outputs are
     cloned out. A function graphed here touches only its tensors, the weights and the caches (no host sync, no
-    random draw); the graphs of 'backbone' and 'head' go with their caches, after every generate()."""
+    random draw); the graphs of 'backbone' and 'head' go with their caches, after every generate(). A key is
+    captured at its second call: what comes once (a prefix's block, most steps of parallel decoding) runs as is.
+    One instance per model: the key names the step, not the weights."""
 
     def __init__(self):
-        self.graphs = {}
+        self.graphs, self.seen = {}, set()
 
     def __call__(self, name, fn, *args):
         amp = torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')  # part of what the graph runs
         key = (name, amp) + tuple(None if a is None else (a.shape, a.dtype) for a in args)
+        if key not in self.seen:
+            self.seen.add(key)
+            return fn(*args)
         if key not in self.graphs:
             static = [None if a is None else a.clone() for a in args]
             # autocast's cache of cast weights would outlive the graph: cast inside it instead
@@ -208,7 +213,7 @@ class CUDAGraphs:
                     fn(*static)  # warm-up, outside the graph: cuBLAS workspaces and lazy initialisation
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, capture_error_mode='thread_local'):  # train.py's loader may run
                     out = fn(*static)
             self.graphs[key] = graph, static, out
         graph, static, out = self.graphs[key]
@@ -222,6 +227,7 @@ class CUDAGraphs:
 
     def forget(self, *names):
         self.graphs = {k: v for k, v in self.graphs.items() if k[0] not in names}
+        self.seen = {k for k in self.seen if k[0] not in names}
 
 
 class Compiled:
@@ -242,8 +248,10 @@ class Compiled:
 
 
 def decode(tokenizer, tokens, grid_size):
-    """uint8 images (B, H, W, 3) of generated tokens (B, N[, D]) in raster layout."""
-    return tokenizer.decode(tokens.view(len(tokens), grid_size, grid_size, *tokens.shape[2:]))
+    """uint8 images (B, H, W, 3) of generated tokens (B, N[, D]) in raster layout, 64 at a time (the VAE's decoder
+    holds 8 GiB per activation of 256 images at 256x256, at the limit of 32-bit indexing)."""
+    grids = tokens.view(len(tokens), grid_size, grid_size, *tokens.shape[2:])
+    return torch.cat([tokenizer.decode(part) for part in grids.split(64)])
 
 
 def save_grid(images, path, ncol):
@@ -367,13 +375,14 @@ def sample_run(args, sample_batch, meta, root, npz, rank, world_size, ddp):
 def setup_distributed(device=None):
     """(ddp, rank, world_size, device): under torchrun one process per GPU with NCCL (per CPU process with gloo);
     otherwise one process on `device` (default: cuda if any)."""
-    if 'RANK' not in os.environ:
-        return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+    ddp = 'RANK' in os.environ
+    if ddp:
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda'):
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
+        torch.cuda.set_device(device)  # also for --device cuda:N: streams and CUDA graphs are the current device's
+    return ddp, dist.get_rank() if ddp else 0, dist.get_world_size() if ddp else 1, device
 
 
 def main(args):

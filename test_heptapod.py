@@ -48,6 +48,17 @@ def tiny_model(head='global', **kw):
     return Heptapod(**dict(TINY, head=head, head_depth=2, **kw)).eval()
 
 
+def live_token_head(model, std=0.2):
+    """MAR zero-initialises the diffusion MLP's modulations and output, so an untrained model's tokens depend on the
+    noise alone, not on z: random weights there, so that a sampling test compares what the model computes."""
+    g, net = torch.Generator().manual_seed(1), model.token_head.net
+    with torch.no_grad():
+        for m in [b.ada for b in net.blocks] + [net.final_ada, net.final]:
+            m.weight.normal_(0, std, generator=g)
+            m.bias.normal_(0, std, generator=g)
+    return model
+
+
 def fixed_batch(B=8, seed=0):
     images, labels = tokenizers.make_shapes(B, size=G, seed=seed)
     return tokenizers.PixelTokenizer().encode(images).flatten(1), labels
@@ -428,7 +439,7 @@ def test_kv_cache_sampling_equals_recomputing_from_scratch(head, order):
 
 
 def test_continuous_kv_cache_sampling_equals_recomputing():
-    model = tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1)
+    model = live_token_head(tiny_model(token_dim=12, diffusion_width=16, diffusion_depth=1))
     labels = torch.tensor([0, 5])
     cached = generate(model, labels, 'random', torch.Generator().manual_seed(0), diffusion_steps=10)  # 10: fast
     recomputed = generate(model, labels, 'random', torch.Generator().manual_seed(0), use_cache=False,
@@ -2621,13 +2632,14 @@ def test_gpu_attention_takes_a_fused_kernel_in_the_backbone_the_head_and_the_cac
                                          ('linear', 'continuous')])
 def test_gpu_cuda_graphs_sample_what_the_eager_sampler_samples(head, tokens, capsys):
     continuous = dict(token_dim=16, diffusion_width=64, diffusion_depth=2) if tokens == 'continuous' else {}
-    model = tiny_model(head, window=16 if head == 'local' else None, **continuous).cuda()
+    model = tiny_model(head, window=16 if head == 'local' else None, **continuous)
+    model = (live_token_head(model) if continuous else model).cuda()
     labels, graphs = torch.arange(4, device='cuda'), sample.CUDAGraphs()
     for amp in (False, True):
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
             runs = [generate(model, labels, 'random', torch.Generator('cuda').manual_seed(0), diffusion_steps=20,
                              num_steps=16 if head == 'global' else None, run=g) for g in (None, graphs, graphs)]
-        for replayed in runs[1:]:  # captured, then replayed from the graphs of the first call
+        for replayed in runs[1:]:  # captured, then replayed (the token head's graphs; the others are per call)
             if continuous:
                 torch.testing.assert_close(replayed, runs[0], atol=1e-3, rtol=1e-3)
             else:
@@ -2637,7 +2649,7 @@ def test_gpu_cuda_graphs_sample_what_the_eager_sampler_samples(head, tokens, cap
 
 @gpu
 def test_gpu_torchrun_with_nccl_trains_and_checkpoints(tmp_path, capsys):
-    run = subprocess.run(['torchrun', '--standalone', '--nproc_per_node=1', 'train.py', '--data', 'random',
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'train.py', '--data', 'random',
                           '--tokenizer', 'vq', '--size', 'small', '--batch_size', '8', '--max_steps', '3',
                           '--log_interval', '1', '--num_samples', '0', '--out_dir', str(tmp_path)],
                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)

@@ -363,13 +363,14 @@ def sample_grid(ema, args, meta, tokenizer, device, autocast, ckpt_path):
 def setup_distributed(device=None):
     """(ddp, rank, world_size, device): under torchrun one process per GPU with NCCL (per CPU process with gloo);
     otherwise one process on `device` (default: cuda if any)."""
-    if 'RANK' not in os.environ:
-        return False, 0, 1, device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+    ddp = 'RANK' in os.environ
+    if ddp:
+        dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else 'cpu'
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda'):
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
+        torch.cuda.set_device(device)  # also for --device cuda:N: streams and CUDA graphs are the current device's
+    return ddp, dist.get_rank() if ddp else 0, dist.get_world_size() if ddp else 1, device
 
 
 def main(args):
