@@ -2484,6 +2484,8 @@ BAD_INPUTS = [
     ('train', '--data random --tokenizer vq --eval_every 5 --out_dir {ws}/new', None,
      '--eval_every on 256x256 images needs --fid_ref'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --image_size 32', None, 'image_size 16 -> 32'),
+    ('tokenizers', 'cache --data {ws}/images --out {ws}/new --tokenizer vq --image_size 16', None,
+     '--tokenizer vq needs its released weights'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache --tokenizer pixel_patch --image_size 32', None,
      'tokenizer pixel -> pixel_patch'),
     ('tokenizers', 'cache --data {ws}/images --out {ws}/cache', add_a_class_folder, 'num_classes 2 -> 3'),
@@ -2540,6 +2542,7 @@ BAD_INPUTS = [
     ('sample', EDITED, lambda ws: torch.save({'weights': torch.zeros(1)}, ws / 'run' / 'edited.pt'),
      'not a heptapod train.py checkpoint'),
     ('sample', '--ckpt {ws}/run/missing.pt --out {ws}/new', None, 'missing.pt: no such file'),
+    ('sample', '--ckpt {ws}/run --out {ws}/new', None, 'run is a folder: pass a file in it'),
     # fid.py: files that are not what they claim, too few images, a bad output path
     ('fid', '{ws}/junk.npz {ws}/samples/samples.npz --inception {inception}', write_file('junk.npz'),
      'junk.npz: not a readable .npz'),

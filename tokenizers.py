@@ -595,6 +595,9 @@ def cache(args):
     check_cache_args(args)
     ddp, rank, world = setup_distributed()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    # vq and vae with their weights now: a missing or broken --ckpt must not leave a meta.json behind
+    weighted = args.tokenizer in RECONSTRUCTION_TOKENIZERS
+    tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device) if weighted else None
     paths, labels, classes = list_image_folder(args.data)
     # everything that decides what the shards hold, so that a rerun continues only the same cache
     meta = dict(tokenizer=args.tokenizer, ckpt=args.ckpt and os.path.abspath(args.ckpt), image_size=args.image_size,
@@ -615,7 +618,7 @@ def cache(args):
         if error[0]:
             raise SystemExit(error[0])
         meta = read_meta(args.out)  # with the palette
-        tokenizer = make_tokenizer(args.tokenizer, args.ckpt, device, meta.get('colours'))
+        tokenizer = tokenizer or make_tokenizer(args.tokenizer, None, device, meta.get('colours'))
         for k in range(rank, meta['num_shards'], world):
             encode_shard(args, k, tokenizer, paths, labels)
         if ddp:
@@ -828,6 +831,8 @@ def hold_lock(folder):
 def read_torch(path, what, advice='', device='cpu'):
     """torch.load(path) without unpickling Python objects (weights_only), or one error line naming the file: the one
     reader of checkpoints and weights. `what`: the kind of file; advice: what was expected."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a folder: pass a file in it (a run's: {path}/ckpt.pt){advice}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file{advice}")
     try:
