@@ -831,8 +831,8 @@ def hold_lock(folder):
 def read_torch(path, what, advice='', device='cpu'):
     """torch.load(path) without unpickling Python objects (weights_only), or one error line naming the file: the one
     reader of checkpoints and weights. `what`: the kind of file; advice: what was expected."""
-    if os.path.isdir(path):
-        raise SystemExit(f"error: {path} is a folder: pass a file in it (a run's: {path}/ckpt.pt){advice}")
+    if os.path.isdir(path):  # what file: the advice, else a training run's
+        raise SystemExit(f"error: {path} is a folder: pass a file in it{advice or f' ({path}/ckpt.pt for a run)'}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file{advice}")
     try:
