@@ -633,7 +633,8 @@ def start_cache(args, meta, paths, labels):
     """Rank 0, before any shard: continue a cache the same arguments and files began (same meta.json, and its fitted
     palette), or begin one (--rebuild deletes the old), fitting the palette and writing meta.json."""
     fitted = meta.get('palette') == 'fit'  # then the colours and vocabulary come from the data, below
-    meta.update({} if fitted else token_meta(args.tokenizer))
+    if not fitted:
+        meta.update(token_meta(args.tokenizer))
     ours, old = [f for f in os.listdir(args.out) if CACHE_FILE.fullmatch(f)], read_meta(args.out)
     if ours and not args.rebuild:
         differ = ['no meta.json'] if old is None else [
@@ -780,10 +781,15 @@ def one_line(e):
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
+def temporary(path):
+    """The name a file is written under before its rename to path: per process, so two never share one."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def write_atomic(path, write, advice=''):
     """write(f) into a temporary file beside path, then renamed to path: written whole or not at all, and what path
     held stays until then. A disk error (full, read-only, no permission) stops in one line naming the path."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = temporary(path)
     try:
         with open(tmp, 'wb') as f:
             write(f)
@@ -804,7 +810,7 @@ def make_folder(path, flag):
 
 
 def remove_partial_files(folder, prefix=''):
-    """Delete what write_atomic left in folder (PATH.PID.tmp, of names beginning with prefix) when it was killed."""
+    """Delete the temporary files (see temporary) of names beginning with prefix that a killed writer left in folder."""
     for name in os.listdir(folder):
         if name.startswith(prefix) and re.fullmatch(r'.+\.\d+\.tmp', name):
             os.remove(os.path.join(folder, name))

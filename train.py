@@ -36,7 +36,8 @@ from heads import Heptapod, sample_prefix_lens
 from model import SIZES, make_orders
 from sample import CUDAGraphs, check_checkpoint, decode, generate, save_grid
 from tokenizers import (BUILT_IN, DOWNSAMPLING, PEAK_TFLOPS, TOKENIZERS, HelpFormatter, hold_lock, load_dataset,
-                        load_weights, make_folder, make_tokenizer, mfu, peak_memory, percent, read_torch, write_atomic)
+                        load_weights, make_folder, make_tokenizer, mfu, peak_memory, percent, read_torch, temporary,
+                        write_atomic)
 
 
 def print0(*a, **kw):
@@ -187,8 +188,8 @@ def save_checkpoint(ckpt, out_dir, keep_last):
     advice = f"the previous checkpoints in {out_dir} are kept (free space, then --resume)"
     write_atomic(path, lambda f: torch.save(ckpt, f), advice)
     try:
-        os.link(path, f"{latest}.{os.getpid()}.tmp")  # write_atomic's temporary name: hold_lock removes a stale one
-        os.replace(f"{latest}.{os.getpid()}.tmp", latest)
+        os.link(path, temporary(latest))  # write_atomic's temporary name: hold_lock removes a stale one
+        os.replace(temporary(latest), latest)
     except OSError:  # a file system without hard links: a copy, streamed
         def copy(f):
             with open(path, 'rb') as src:
